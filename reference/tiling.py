@@ -1,0 +1,225 @@
+"""Tile plans: cut an image into tiles whose owned outputs partition the final output.
+
+Per axis, with total stride ``S``, receptive field ``r`` and offset ``o`` (see
+:mod:`reference.geometry`) and ``c = ceil(o / S)``:
+
+* A tile is an input interval ``[a, b)`` with ``a`` a multiple of ``S``. Its output index
+  ``t`` is the full output index ``j = a / S + t`` (every layer's grid stays aligned).
+* Output ``j`` is *exact* in the tile when its receptive interval ``[j S - o, j S - o + r)``
+  lies inside ``[a, b)``, except that it may run past a true image border (``a = 0`` or
+  ``b = n``), where the tile pads exactly as the full computation does.
+* The tile *owns* a block ``[j0, j1)`` of exact outputs; the blocks of all tiles partition
+  ``[0, n_out)`` exactly once. Summing per-tile gradients of the owned blocks therefore
+  gives the full gradient (linearity), and stitching the owned blocks gives the full output.
+
+A tile of length ``L`` that starts at ``a > 0`` owns ``B = floor((L - r + o) / S) - c + 1``
+outputs, so the smallest useful tile is ``L_min = c S + r - o`` (``B = 1``). The planner
+trims a requested length ``T`` to the shortest length with the same ``B``,
+``L = (B - 1 + c) S + r - o``, steps tiles by ``B S`` and moves the last one back so that it
+ends on the image border. Each axis thus has at most two tile lengths, and an image at
+most four tile shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+from typing import Iterator, Sequence
+
+from .geometry import AxisGeometry, _ceil_div, output_size
+
+__all__ = [
+    "AxisTile",
+    "Tile",
+    "TilePlan",
+    "min_tile_size",
+    "plan_axis",
+    "plan_tiles",
+]
+
+
+@dataclass(frozen=True)
+class AxisTile:
+    """One tile along one axis.
+
+    Attributes:
+        start, stop: the tile's input interval ``[start, stop)`` in image pixels;
+            ``start`` is a multiple of ``stride``.
+        out_start, out_stop: the owned block ``[out_start, out_stop)`` in final-output
+            positions of the full image.
+        stride: S, the total stride.
+    """
+
+    start: int
+    stop: int
+    out_start: int
+    out_stop: int
+    stride: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def input_slice(self) -> slice:
+        """Where the tile sits in the image."""
+        return slice(self.start, self.stop)
+
+    @property
+    def output_slice(self) -> slice:
+        """Where the owned block sits in the full output."""
+        return slice(self.out_start, self.out_stop)
+
+    @property
+    def owned_slice(self) -> slice:
+        """Where the owned block sits in the tile's own output (``t = j - start / S``)."""
+        shift = self.start // self.stride
+        return slice(self.out_start - shift, self.out_stop - shift)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A 2-D tile: one row interval and one column interval."""
+
+    row: AxisTile
+    col: AxisTile
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.row.length, self.col.length
+
+    @property
+    def input_slices(self) -> tuple[slice, slice]:
+        """``image[..., rows, cols]`` is the tile's input."""
+        return self.row.input_slice, self.col.input_slice
+
+    @property
+    def output_slices(self) -> tuple[slice, slice]:
+        """``output[..., rows, cols]`` receives the owned block."""
+        return self.row.output_slice, self.col.output_slice
+
+    @property
+    def owned_slices(self) -> tuple[slice, slice]:
+        """``tile_output[..., rows, cols]`` is the owned block."""
+        return self.row.owned_slice, self.col.owned_slice
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The product of a row plan and a column plan.
+
+    Attributes:
+        rows, cols: the per-axis tiles, top to bottom and left to right.
+        image_size: (H, W) input pixels.
+        output_size: (H_out, W_out) final-output positions.
+    """
+
+    rows: tuple[AxisTile, ...]
+    cols: tuple[AxisTile, ...]
+    image_size: tuple[int, int]
+    output_size: tuple[int, int]
+
+    @property
+    def tiles(self) -> list[Tile]:
+        """All tiles, row-major."""
+        return [Tile(r, c) for r, c in product(self.rows, self.cols)]
+
+    def __iter__(self) -> Iterator[Tile]:
+        return iter(self.tiles)
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    @property
+    def tile_shapes(self) -> set[tuple[int, int]]:
+        """Distinct (h, w) tile shapes (at most four)."""
+        return {t.shape for t in self.tiles}
+
+    @property
+    def computed_pixels(self) -> int:
+        return sum(r.length for r in self.rows) * sum(c.length for c in self.cols)
+
+    @property
+    def overhead(self) -> float:
+        """Computed input pixels over image pixels (1.0 = no recomputation)."""
+        H, W = self.image_size
+        return self.computed_pixels / (H * W)
+
+
+def min_tile_size(geometry: AxisGeometry, n: int) -> int:
+    """Smallest tile length the planner accepts for an axis of ``n`` pixels.
+
+    ``min(n, c S + r - o)``: one tile covering the axis always works; otherwise every
+    interior tile must hold the halo ``c S - o`` on its left, one receptive field, and own
+    at least one output.
+    """
+    S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
+    return min(n, _ceil_div(o, S) * S + r - o)
+
+
+def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]:
+    """Tiles of at most ``tile`` pixels whose owned blocks partition the outputs of ``n`` pixels.
+
+    Raises:
+        ValueError: ``n`` gives no output, or ``tile`` is below :func:`min_tile_size`.
+    """
+    if not isinstance(tile, int) or tile <= 0:
+        raise ValueError(f"tile size must be a positive int, got {tile!r}")
+    n_out = output_size(geometry, n)
+    S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
+    if tile >= n:
+        return (AxisTile(0, n, 0, n_out, S),)
+    smallest = min_tile_size(geometry, n)
+    if tile < smallest:
+        raise ValueError(
+            f"tile size {tile} cannot hold the halo of this network (receptive field {r}, "
+            f"offset {o}, stride {S}) on an axis of {n} pixels; use a tile size of at "
+            f"least {smallest}"
+        )
+    c = _ceil_div(o, S)
+    owned_per_tile = (tile - r + o) // S - c + 1  # B >= 1, owned by an interior tile
+    L = (owned_per_tile - 1 + c) * S + r - o  # shortest length owning B outputs
+    tiles: list[AxisTile] = []
+    a, j0 = 0, 0
+    while j0 < n_out:
+        if a + L >= n:  # last tile: move it back to end on the border, keep a multiple of S
+            a_last = max(_ceil_div(n - L, S) * S, 0)
+            tiles.append(AxisTile(a_last, n, j0, n_out, S))
+            break
+        j1 = min((a + L - r + o) // S + 1, n_out)  # first output not inside [a, a + L)
+        tiles.append(AxisTile(a, a + L, j0, j1, S))
+        j0 = j1
+        a = (j0 - c) * S
+    return tuple(tiles)
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    pair = tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def plan_tiles(
+    geometry: tuple[AxisGeometry, AxisGeometry],
+    image_size: Sequence[int],
+    tile_size: int | Sequence[int],
+) -> TilePlan:
+    """Plan tiles for an image.
+
+    Args:
+        geometry: (rows, cols) geometry of the network, e.g. ``net.geometry``.
+        image_size: (H, W) in pixels.
+        tile_size: maximum tile size, an int or an (h, w) pair.
+    """
+    H, W = _pair(image_size, "image_size")
+    th, tw = _pair(tile_size, "tile_size")
+    gh, gw = geometry
+    try:
+        rows = plan_axis(gh, H, th)
+        cols = plan_axis(gw, W, tw)
+    except ValueError as err:
+        raise ValueError(f"image {H}x{W}, tile {th}x{tw}: {err}") from None
+    return TilePlan(rows, cols, (H, W), (rows[-1].out_stop, cols[-1].out_stop))
