@@ -231,7 +231,8 @@ def cone(geometry: AxisGeometry, j0: int, j1: int, n: int, aligned: bool = True)
     there keeps every layer's grid aligned with the full image's grid.
     """
     lo, hi = receptive_interval(geometry, j0, j1)
-    start, stop = max(lo, 0), min(hi, n)
+    start = min(max(lo, 0), n)
+    stop = min(max(hi, start), n)  # empty when the block reads only padding
     if aligned:
         start -= start % geometry.stride
     return start, stop
