@@ -1,0 +1,1 @@
+"""PyTorch implementation: streaming engine, ResNet trunk, CLAM head, slide reading, training."""
