@@ -1,0 +1,76 @@
+"""StreamingCLAM end to end: streamed model == the same trunk and head without streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_impl.clam import CLAMSingleBranch
+from torch_impl.model import ModelConfig, StreamingCLAM, build_model
+from torch_impl.resnet import freeze_batchnorm, resnet34, trunk
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|; gradients below 1e-8 count as zero (the attention bias's
+    gradient is exactly 0 in exact arithmetic: softmax ignores a common shift)."""
+    scale = max(b.abs().max().item(), 1e-8)
+    return (a - b).abs().max().item() / scale
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(pool: str | None) -> StreamingCLAM:
+    torch.manual_seed(0)
+    body = freeze_batchnorm(trunk(resnet34(width=2)).double())
+    head = CLAMSingleBranch(in_dim=16, hidden_dim=8, attention_dim=4, pool=pool, pool_size=2).double()
+    return StreamingCLAM(body, head, tile_size=992)
+
+
+@pytest.mark.parametrize("pool", [None, "max"])
+def test_streamed_model_gradients_equal_plain(pool):
+    model = small_model(pool)
+    x = torch.randn(1, 3, 1000, 1010, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 32, 32, dtype=torch.bool)
+    mask[:, :5] = False  # background rows: no instances there
+    label = torch.tensor([1])
+    assert len(model.trunk.plan(x.shape[-2:])) == 4
+
+    out = model(x, mask)
+    model.loss(out, label).backward()
+    streamed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    plain_out = model.head(model.trunk.module(x), mask)
+    model.loss(plain_out, label).backward()
+    assert relative_error(out.logits, plain_out.logits) <= 1e-12
+    assert relative_error(out.attention, plain_out.attention) <= 1e-12
+    assert len(streamed) > 100
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert relative_error(streamed[n], p.grad) <= 1e-10, n
+
+
+def test_frozen_trunk_trains_only_the_head():
+    model = small_model("max")
+    model.set_trunk_trainable(False)
+    assert not model.trunk_trainable
+    out = model(torch.randn(1, 3, 128, 96, dtype=torch.float64))
+    model.loss(out, torch.tensor([0])).backward()
+    assert all(p.grad is None for p in model.trunk.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    model.set_trunk_trainable(True)
+    assert model.trunk_trainable
+
+
+def test_build_model_from_config():
+    model = build_model(ModelConfig(width=4, tile_size=512, hidden_dim=16, attention_dim=8))
+    assert model.head.fc[0].in_features == 32
+    out = model(torch.randn(1, 3, 96, 160))
+    assert out.logits.shape == (1, 2) and out.attention.shape[-2:] == (1, 1)  # 3x5 map, 8x8 pooled
+    with pytest.raises(ValueError, match="'sb' or 'mb'"):
+        build_model(ModelConfig(width=4, head="xx"))
