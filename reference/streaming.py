@@ -103,13 +103,11 @@ def stream_backward(
             f"grad_y must be (N={x.shape[0]}, C_out, {plan.output_size[0]}, {plan.output_size[1]}) "
             f"for this input, got {grad_y.shape}"
         )
-    row_geometry, col_geometry = net.geometry
     grad_x = np.zeros_like(x)
     grads = {name: np.zeros_like(p) for name, p in net.parameters().items()}
     for tile in plan:
-        tile_out = (row_geometry.output_size(tile.row.length), col_geometry.output_size(tile.col.length))
         # The output gradient restricted to the owned block; zero on the tile's fringe.
-        grad_tile = np.zeros((*grad_y.shape[:2], *tile_out), dtype=grad_y.dtype)  # (N, C_out, h_out, w_out)
+        grad_tile = np.zeros((*grad_y.shape[:2], *tile.output_shape), dtype=grad_y.dtype)  # (N, C_out, h_out, w_out)
         grad_tile[(..., *tile.owned_slices)] = grad_y[(..., *tile.output_slices)]
         grad_x_tile, grads_tile = net.backward(x[(..., *tile.input_slices)], grad_tile)
         grad_x[(..., *tile.input_slices)] += grad_x_tile

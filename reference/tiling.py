@@ -23,6 +23,7 @@ most four tile shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import product
 from typing import Iterator, Sequence
 
@@ -48,6 +49,7 @@ class AxisTile:
         out_start, out_stop: the owned block ``[out_start, out_stop)`` in final-output
             positions of the full image.
         stride: S, the total stride.
+        out_length: outputs the tile computes, fringe included (``output_size(stop - start)``).
     """
 
     start: int
@@ -55,6 +57,7 @@ class AxisTile:
     out_start: int
     out_stop: int
     stride: int
+    out_length: int
 
     @property
     def length(self) -> int:
@@ -69,6 +72,13 @@ class AxisTile:
     def output_slice(self) -> slice:
         """Where the owned block sits in the full output."""
         return slice(self.out_start, self.out_stop)
+
+    @property
+    def computed_output_slice(self) -> slice:
+        """Where the tile's whole output (fringe included) would sit in the full output;
+        it may run past the full output's end (the fringe of the last tile)."""
+        shift = self.start // self.stride
+        return slice(shift, shift + self.out_length)
 
     @property
     def owned_slice(self) -> slice:
@@ -87,6 +97,11 @@ class Tile:
     @property
     def shape(self) -> tuple[int, int]:
         return self.row.length, self.col.length
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """(h_out, w_out) of the tile's own output, fringe included."""
+        return self.row.out_length, self.col.out_length
 
     @property
     def input_slices(self) -> tuple[slice, slice]:
@@ -119,7 +134,7 @@ class TilePlan:
     image_size: tuple[int, int]
     output_size: tuple[int, int]
 
-    @property
+    @cached_property
     def tiles(self) -> list[Tile]:
         """All tiles, row-major."""
         return [Tile(r, c) for r, c in product(self.rows, self.cols)]
@@ -133,7 +148,7 @@ class TilePlan:
     @property
     def tile_shapes(self) -> set[tuple[int, int]]:
         """Distinct (h, w) tile shapes (at most four)."""
-        return {t.shape for t in self.tiles}
+        return {(r.length, c.length) for r in self.rows for c in self.cols}
 
     @property
     def computed_pixels(self) -> int:
@@ -149,12 +164,14 @@ class TilePlan:
 def min_tile_size(geometry: AxisGeometry, n: int) -> int:
     """Smallest tile length the planner accepts for an axis of ``n`` pixels.
 
-    ``min(n, c S + r - o)``: one tile covering the axis always works; otherwise every
-    interior tile must hold the halo ``c S - o`` on its left, one receptive field, and own
-    at least one output.
+    ``min(n, max(c S + r - o, n - S floor((n - 1) / S)))``: one tile covering the axis always
+    works; otherwise every interior tile must hold the halo ``c S - o`` on its left, one
+    receptive field, and own at least one output, and the last tile, which starts on a
+    multiple of ``S`` inside the image, must reach the border.
     """
     S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
-    return min(n, _ceil_div(o, S) * S + r - o)
+    last_cell = n - (n - 1) // S * S  # pixels after the last multiple of S (1..S)
+    return min(n, max(_ceil_div(o, S) * S + r - o, last_cell))
 
 
 def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]:
@@ -168,7 +185,7 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
     n_out = output_size(geometry, n)
     S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
     if tile >= n:
-        return (AxisTile(0, n, 0, n_out, S),)
+        return (AxisTile(0, n, 0, n_out, S, n_out),)
     smallest = min_tile_size(geometry, n)
     if tile < smallest:
         raise ValueError(
@@ -183,11 +200,12 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
     a, j0 = 0, 0
     while j0 < n_out:
         if a + L >= n:  # last tile: move it back to end on the border, keep a multiple of S
-            a_last = max(_ceil_div(n - L, S) * S, 0)
-            tiles.append(AxisTile(a_last, n, j0, n_out, S))
+            # (and start inside the image: outputs that read only padding need a real tile)
+            a_last = min(max(_ceil_div(n - L, S) * S, 0), (n - 1) // S * S)
+            tiles.append(AxisTile(a_last, n, j0, n_out, S, geometry.output_size(n - a_last)))
             break
         j1 = min((a + L - r + o) // S + 1, n_out)  # first output not inside [a, a + L)
-        tiles.append(AxisTile(a, a + L, j0, j1, S))
+        tiles.append(AxisTile(a, a + L, j0, j1, S, geometry.output_size(L)))
         j0 = j1
         a = (j0 - c) * S
     return tuple(tiles)

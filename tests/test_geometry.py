@@ -167,7 +167,9 @@ def test_plan_partitions_output_with_exact_tiles(chain, n, data):
         assert t.start % S == 0
         # the owned block sits inside the tile's own output
         own = t.owned_slice
-        assert 0 <= own.start < own.stop <= chain.output_size(t.length)
+        assert t.out_length == chain.output_size(t.length)
+        assert 0 <= own.start < own.stop <= t.out_length
+        assert t.computed_output_slice.start == t.start // S
         # every owned output is exact: receptive field inside the tile or over a true border
         lo, hi = receptive_interval(chain, t.out_start, t.out_stop)
         assert lo >= t.start or t.start == 0
@@ -201,6 +203,18 @@ def test_2d_plan_shapes_and_overhead(gh, gw, H, W, data):
         assert tile.shape[0] <= th and tile.shape[1] <= tw
     assert (covered == 1).all()
     assert plan.overhead == pytest.approx(pixels / (H * W))
+
+
+def test_outputs_that_read_only_padding_get_a_real_tile():
+    """Stride 3 then padding 1: on 3 pixels the last output reads nothing but padding; its
+    tile must still lie inside the image and end on the border (found by Hypothesis)."""
+    g = compose([LayerSpec(1, 3), LayerSpec(1, 1, 1)])
+    assert g.output_size(3) == 3 and receptive_interval(g, 2, 3) == (3, 4)
+    assert min_tile_size(g, 3) == 3
+    for n, tile in [(3, 3), (7, 1), (7, 2), (8, 2)]:
+        tiles = plan_axis(g, n, max(tile, min_tile_size(g, n)))
+        assert all(0 <= t.start < t.stop <= n for t in tiles)
+        assert tiles[-1].stop == n and tiles[-1].out_stop == g.output_size(n)
 
 
 def test_plan_errors_are_clear():

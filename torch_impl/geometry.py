@@ -18,6 +18,8 @@ from torch import nn
 
 from reference.geometry import AxisGeometry, LayerSpec, compose, parallel
 
+from . import resnet
+
 __all__ = ["UnsupportedModuleError", "module_geometry", "register_geometry", "check_streamable"]
 
 AxisPair = tuple[AxisGeometry, AxisGeometry]
@@ -108,8 +110,6 @@ def register_geometry(cls: type, geometry: Callable[[nn.Module], AxisPair]) -> N
 
 
 def _register_resnet_blocks() -> None:
-    from . import resnet  # local import: resnet does not depend on streaming
-
     register_geometry(
         resnet.BasicBlock,
         lambda b: _residual([b.conv1, b.bn1, b.relu, b.conv2, b.bn2], b.downsample, [b.relu]),
@@ -124,8 +124,6 @@ def _register_resnet_blocks() -> None:
 
 def module_geometry(module: nn.Module) -> AxisPair:
     """(rows, cols) geometry of a streamable module; raises UnsupportedModuleError otherwise."""
-    if not _REGISTRY:
-        _register_resnet_blocks()
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls](module)
@@ -150,6 +148,9 @@ def module_geometry(module: nn.Module) -> AxisPair:
         "nn.Sequential and the residual blocks of torch_impl.resnet); "
         "register a custom local block with torch_impl.geometry.register_geometry"
     )
+
+
+_register_resnet_blocks()
 
 
 def check_streamable(module: nn.Module) -> None:
