@@ -5,6 +5,7 @@ Select another with HYPOTHESIS_PROFILE=thorough for long runs.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -12,3 +13,15 @@ settings.register_profile("ci", derandomize=True, max_examples=200, print_blob=T
 settings.register_profile("dev", max_examples=40, **_common)
 settings.register_profile("thorough", max_examples=2000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Run a module's tests on one torch thread: on tiny tensors, waking the intra-op thread
+    pool for each op costs more than the op (tens of times more on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

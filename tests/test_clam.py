@@ -23,14 +23,7 @@ from torch_impl.clam import (
 HEADS = {"sb": CLAMSingleBranch, "mb": CLAMMultiBranch}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: waking torch's intra-op threads for each op costs more than the op
-    (tens of times more on a loaded 2-core CI machine), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def make_head(kind: str, in_dim: int = 6, hidden_dim: int = 5, attention_dim: int = 4, n_classes: int = 3, **kw):

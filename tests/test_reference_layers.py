@@ -37,13 +37,7 @@ from reference.nets import basic_block, batchnorm, conv, resnet34_trunk
 MAX_PX = 24  # largest drawn image side, to keep the suite fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, which spin and slow down a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def assert_close(actual: np.ndarray, desired: np.ndarray, rtol: float) -> None:

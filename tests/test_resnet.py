@@ -24,14 +24,7 @@ from torch_impl.resnet import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: waking torch's intra-op threads for each op costs more than the op
-    (tens of times more on a loaded 2-core CI machine), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --- the expected layout, written from torchvision's architecture, not from our module ---
