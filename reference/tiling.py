@@ -34,6 +34,7 @@ __all__ = [
     "Tile",
     "TilePlan",
     "min_tile_size",
+    "best_tile_size",
     "plan_axis",
     "plan_tiles",
 ]
@@ -209,6 +210,31 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
         j0 = j1
         a = (j0 - c) * S
     return tuple(tiles)
+
+
+def best_tile_size(geometry: AxisGeometry, n: int, max_tile: int) -> int:
+    """The tile size up to ``max_tile`` whose plan computes the fewest pixels on ``n`` pixels.
+
+    Overhead is not monotone in the tile size (a slightly smaller tile can split the axis
+    more evenly), so every useful length ``(B - 1 + c) S + r - o`` up to ``max_tile`` is tried;
+    ties go to the larger tile (fewer tiles).
+
+    Raises:
+        ValueError: ``max_tile`` is below :func:`min_tile_size`.
+    """
+    smallest = min_tile_size(geometry, n)
+    if max_tile < smallest:
+        plan_axis(geometry, n, max_tile)  # raises the planner's error, which names the smallest
+    # One tile over the whole axis, and one tile size per number B of outputs an interior
+    # tile owns (the planner trims every size to its B's length).
+    S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
+    c = _ceil_div(o, S)
+    largest = min(max_tile, n - 1)
+    candidates = [n] if max_tile >= n else []
+    if largest >= smallest:
+        owned = range((smallest - r + o) // S - c + 1, (largest - r + o) // S - c + 2)
+        candidates += [max(smallest, (B - 1 + c) * S + r - o) for B in owned]
+    return min(candidates, key=lambda t: (sum(tile.length for tile in plan_axis(geometry, n, t)), -t))
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from reference.geometry import (
     parallel,
     receptive_interval,
 )
-from reference.tiling import min_tile_size, plan_axis, plan_tiles
+from reference.tiling import best_tile_size, min_tile_size, plan_axis, plan_tiles
 from tests.strategies import chains, layer_specs
 
 
@@ -229,3 +229,17 @@ def test_plan_errors_are_clear():
         plan_tiles((g, g), (100, 80), (5, 5, 5))
     with pytest.raises(ValueError, match="kernel"):
         LayerSpec(0)
+
+
+@given(chains(4), st.integers(2, 300), st.data())
+def test_best_tile_size_computes_least(chain, n, data):
+    assume(chain.output_size(n) >= 1)
+    smallest = min_tile_size(chain, n)
+    max_tile = data.draw(st.integers(smallest, n + 5))
+    best = best_tile_size(chain, n, max_tile)
+    assert smallest <= best <= min(max_tile, n)
+
+    def computed(t):
+        return sum(tile.length for tile in plan_axis(chain, n, t))
+
+    assert computed(best) == min(computed(t) for t in range(smallest, min(max_tile, n) + 1))

@@ -249,3 +249,18 @@ def test_bad_inputs_have_clear_errors():
         streamed(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         streamed(np.zeros((64, 64)))
+
+
+def test_suggest_tile_sizes_fit_the_budget_and_the_image():
+    from torch_impl.resnet import resnet34_trunk
+    from torch_impl.streaming import suggest_tile_sizes
+
+    trunk = resnet34_trunk(width=8)
+    forward, backward = suggest_tile_sizes(trunk, memory_bytes=2**30, bytes_per_value=4)
+    assert forward > backward >= 930  # the forward keeps no activations
+    forward2, _ = suggest_tile_sizes(trunk, memory_bytes=2**32, bytes_per_value=4)
+    assert forward2 == pytest.approx(2 * forward, rel=0.01)  # side ~ sqrt(memory)
+    fitted = suggest_tile_sizes(trunk, memory_bytes=2**30, bytes_per_value=4, image_size=(8192, 6000))
+    assert fitted[0] <= forward and fitted[1] <= backward
+    with pytest.raises(ValueError, match="memory_bytes"):
+        suggest_tile_sizes(trunk)

@@ -14,6 +14,11 @@ the streamed backward:
 which is exact by linearity (see :mod:`reference.streaming`; the tile plans come from
 :mod:`reference.tiling`, the halo from :mod:`torch_impl.geometry`).
 
+Under ``torch.autocast`` (bf16/fp16) the recompute runs with the same autocast state as the
+forward; each tile's parameter gradient comes out of a bf16 backward and is summed over
+tiles in float32, so the streamed step matches the plain bf16 step to bf16 round-off
+(about 1e-2 relative), not bit for bit.
+
 Inputs are a tensor (N, C, H, W) or a *lazy source*: any object with ``.shape == (C, H, W)``
 and either ``.read(y, x, h, w) -> array (C, h, w)`` or NumPy-style slicing
 ``source[:, y0:y1, x0:x1]`` (a memory map, a zarr array, :class:`torch_impl.data.Slide`).
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.tiling import Tile, TilePlan, plan_tiles
+from reference.tiling import Tile, TilePlan, best_tile_size, plan_tiles
 
 from .geometry import check_streamable, module_geometry
 
@@ -273,6 +278,7 @@ def suggest_tile_sizes(
     in_channels: int = 3,
     bytes_per_value: int = 2,
     device: torch.device | str | None = None,
+    image_size: Sequence[int] | None = None,
 ) -> tuple[int, int]:
     """Forward and backward tile sizes that fit a memory budget (an estimate, in pixels).
 
@@ -280,7 +286,9 @@ def suggest_tile_sizes(
     memory used): the no-grad forward holds about two consecutive activations at a time
     (the largest layer input plus its output), the recompute + backward holds every
     activation once and its gradient (counted twice). ``memory_bytes`` defaults to 70% of
-    the free memory of the CUDA device the module lives on.
+    the free memory of the CUDA device the module lives on. With ``image_size`` (H, W), each
+    size is lowered to the tile that recomputes least on that image
+    (:func:`reference.tiling.best_tile_size`: overhead is not monotone in the tile size).
 
     Returns:
         (forward_tile, backward_tile), square tile sides in pixels.
@@ -308,7 +316,12 @@ def suggest_tile_sizes(
     per_pixel = [s / side**2 for s in sizes] or [float(in_channels)]
     forward_bytes = 2 * max(per_pixel) * bytes_per_value
     backward_bytes = 2 * sum(per_pixel) * bytes_per_value
-    return int((memory_bytes / forward_bytes) ** 0.5), int((memory_bytes / backward_bytes) ** 0.5)
+    tiles = int((memory_bytes / forward_bytes) ** 0.5), int((memory_bytes / backward_bytes) ** 0.5)
+    if image_size is None:
+        return tiles
+    geometry = module_geometry(module)[0 if image_size[0] >= image_size[1] else 1]
+    n = max(image_size)
+    return best_tile_size(geometry, n, min(tiles[0], n)), best_tile_size(geometry, n, min(tiles[1], n))
 
 
 def _meta_forward(module: nn.Module, x: torch.Tensor) -> None:
