@@ -1,0 +1,209 @@
+"""Training configuration: one typed dataclass, loaded from JSON, overridden by the CLI, validated.
+
+    TrainConfig  (this module)          what to train on, how long, how, where to write
+      model: ModelConfig (model.py)     what the network is made of
+
+A run folder holds the fully resolved configuration as ``config.json`` (written by
+:func:`save_config`), so ``--resume`` and the evaluation read back exactly what was used.
+JSON files may give any subset of the fields; ``"model"`` is a nested object of
+:class:`~torch_impl.model.ModelConfig` fields. Unknown keys and wrongly typed values raise
+``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data.camelyon import DEFAULT_EXCLUDE
+from .model import ModelConfig
+
+__all__ = ["TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs (defaults: the StreamingCLAM recipe at 0.5 um/px)."""
+
+    data_dir: str = ""  # CAMELYON16 root (layout in torch_impl.data.camelyon); required
+    out_dir: str = ""  # run folder: config.json, splits.csv, metrics.csv, last.pt, best.pt; required
+    model: ModelConfig = field(default_factory=ModelConfig)  # the network (width, head, tile sizes, ...)
+
+    # --- data ---
+    mpp: float = 0.5  # working resolution in micrometres per pixel (0.5 = "20x")
+    max_size: int = 65536  # largest training crop side, working pixels (random window inside the tissue)
+    val_fraction: float = 0.2  # fraction of each class's training slides held out for validation
+    splits_csv: str | None = None  # slide,label,split file; None = <out_dir>/splits.csv (written once)
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))  # slide ids left out
+    skip_bad_slides: bool = False  # skip missing/unreadable/tissue-less slides with a warning, not fail
+    sampler: str = "balanced"  # "balanced" (each class drawn equally often per epoch) or "shuffle"
+    max_slides_per_epoch: int | None = None  # cut each epoch's slide order to this length (quick runs)
+
+    # --- optimisation ---
+    seed: int = 0  # seeds the model's initialisation, the splits, slide orders, crops and augmentation
+    epochs: int = 50  # total epochs, both phases
+    head_only_epochs: int = 15  # phase 1: these first epochs train the head only (>= epochs: trunk never trained)
+    lr: float = 2e-4  # Adam learning rate of the head
+    trunk_lr_factor: float = 1.0  # phase 2: the trunk's learning rate is lr * trunk_lr_factor
+    lr_schedule: str = "constant"  # "constant", or "cosine" (per epoch, from lr to 0 over all epochs)
+    weight_decay: float = 1e-5  # Adam's L2 penalty
+    accumulate: int = 1  # slides per optimizer step (batch size 1, gradients averaged); per process
+    grad_clip: float | None = None  # clip the global gradient norm to this value; None = no clipping
+    phase2_tile_size: int | None = None  # phase 2: recompute + backward tile side; None = the model's
+    calibrate_bn: bool = True  # random trunk (model.weights None): frozen batch-norm statistics from training crops
+
+    # --- augmentation (training slides only; lazy, see torch_impl.augment) ---
+    flip: bool = True  # random vertical and horizontal flips
+    rot90: bool = True  # random rotation by a multiple of 90 degrees
+    hue_shift: float = 0.02  # hue shifted by U(-a, a) turns (1 turn = 360 degrees); 0 = off
+    saturation_scale: float = 0.1  # saturation multiplied by 1 + U(-a, a); 0 = off
+    value_scale: float = 0.1  # value (brightness) multiplied by 1 + U(-a, a); 0 = off
+
+    # --- hardware and bookkeeping ---
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", "cuda:1"
+    amp: str = "auto"  # "auto" (bf16 autocast on CUDA, off on CPU), "bf16" or "off"
+    checkpoint_every: int = 0  # also write last.pt every this many slides (after a step); 0 = per epoch only
+    progress: bool = True  # tqdm progress bars (shown only on a terminal)
+
+    def resolved_splits_csv(self) -> Path:
+        """Where the split assignment lives: ``splits_csv`` or ``<out_dir>/splits.csv``."""
+        return Path(self.splits_csv) if self.splits_csv else Path(self.out_dir) / "splits.csv"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths are strings already; the model config nested)."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- typing
+def _allowed(annotation: Any) -> tuple[type, ...]:
+    """Python types a JSON value may have for a field annotation (int counts as float)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(annotation) for t in _allowed(arg))
+    if annotation is type(None):
+        return (type(None),)
+    if origin is list:
+        return (list,)
+    if annotation is float:
+        return (float, int)
+    return (annotation,)
+
+
+def _check_fields(cls: type, values: dict[str, Any], where: str) -> None:
+    """Raise ValueError for keys that are no field of ``cls`` or values of the wrong type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {names}")
+    for key, value in values.items():
+        if key == "model" and cls is TrainConfig:
+            continue
+        allowed = _allowed(hints[key])
+        # bool is an int subclass in Python; a JSON true for an int field is a mistake.
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok:
+            names_ = " or ".join(sorted({t.__name__ for t in allowed}))
+            raise ValueError(f"{where}: {key} must be {names_}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: {key} must be a list of strings, got {value!r}")
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A TrainConfig from a (possibly partial) dict such as ``json.load`` returns; not validated."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+    values = dict(values)
+    _check_fields(TrainConfig, values, where)
+    model = values.pop("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: model must be an object of ModelConfig fields, got {model!r}")
+    _check_fields(ModelConfig, model, f"{where}: model")
+    if "exclude" in values:
+        values["exclude"] = list(values["exclude"])
+    return TrainConfig(model=ModelConfig(**model), **values)
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a JSON configuration file (any subset of the fields); not validated yet."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    return config_from_dict(values, where=str(path))
+
+
+def save_config(config: TrainConfig, folder: str | os.PathLike) -> Path:
+    """Write ``config.json`` (the full resolved configuration) into ``folder`` atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONFIG_FILE
+    tmp = folder / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- values
+_CHOICES = {
+    "sampler": ("balanced", "shuffle"),
+    "lr_schedule": ("constant", "cosine"),
+    "amp": ("auto", "bf16", "off"),
+}
+
+
+def validate_config(config: TrainConfig) -> TrainConfig:
+    """Check types and ranges; raise ValueError with every problem listed. Returns ``config``."""
+    _check_fields(TrainConfig, {k: v for k, v in asdict(config).items() if k != "model"}, "config")
+    _check_fields(ModelConfig, asdict(config.model), "config: model")
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(bool(config.data_dir), "data_dir is required (--data DIR)")
+    need(bool(config.out_dir), "out_dir is required (--out DIR)")
+    need(config.mpp > 0, f"mpp must be > 0 micrometres per pixel, got {config.mpp}")
+    need(config.max_size >= 32, f"max_size must be >= 32 pixels, got {config.max_size}")
+    need(0.0 <= config.val_fraction < 1.0, f"val_fraction must lie in [0, 1), got {config.val_fraction}")
+    need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
+    need(config.head_only_epochs >= 0, f"head_only_epochs must be >= 0, got {config.head_only_epochs}")
+    need(config.lr > 0, f"lr must be > 0, got {config.lr}")
+    need(config.trunk_lr_factor >= 0, f"trunk_lr_factor must be >= 0, got {config.trunk_lr_factor}")
+    need(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    need(config.accumulate >= 1, f"accumulate must be >= 1, got {config.accumulate}")
+    need(config.grad_clip is None or config.grad_clip > 0, f"grad_clip must be > 0 or null, got {config.grad_clip}")
+    need(config.phase2_tile_size is None or config.phase2_tile_size >= 32,
+         f"phase2_tile_size must be >= 32 or null, got {config.phase2_tile_size}")
+    need(config.max_slides_per_epoch is None or config.max_slides_per_epoch >= 1,
+         f"max_slides_per_epoch must be >= 1 or null, got {config.max_slides_per_epoch}")
+    need(0.0 <= config.hue_shift <= 0.5, f"hue_shift must lie in [0, 0.5] turns, got {config.hue_shift}")
+    need(0.0 <= config.saturation_scale < 1.0, f"saturation_scale must lie in [0, 1), got {config.saturation_scale}")
+    need(0.0 <= config.value_scale < 1.0, f"value_scale must lie in [0, 1), got {config.value_scale}")
+    need(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0 slides, got {config.checkpoint_every}")
+    need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
+         f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+    for name, choices in _CHOICES.items():
+        value = getattr(config, name)
+        need(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+    m = config.model
+    need(m.width >= 1, f"model.width must be >= 1, got {m.width}")
+    need(m.tile_size >= 32, f"model.tile_size must be >= 32 pixels, got {m.tile_size}")
+    need(m.backward_tile_size is None or m.backward_tile_size >= 32,
+         f"model.backward_tile_size must be >= 32 or null, got {m.backward_tile_size}")
+    need(m.weights is None or Path(m.weights).is_file(), f"model.weights file not found: {m.weights}")
+    if problems:
+        raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
+    return config

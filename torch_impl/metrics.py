@@ -1,0 +1,68 @@
+"""Slide-level classification metrics without scikit-learn: ROC AUC and accuracy.
+
+ROC AUC is the probability that a randomly drawn positive scores higher than a randomly
+drawn negative, ties counting one half (Hanley & McNeil 1982). It equals the Mann-Whitney
+U statistic of the positives' scores divided by n_pos n_neg, computed from ranks:
+
+    R_pos = sum of the (1-based, tie-averaged) ranks of the positives among all scores
+    U     = R_pos - n_pos (n_pos + 1) / 2
+    AUC   = U / (n_pos n_neg)
+
+`roc_auc_pairs` is the slow, obvious O(n_pos n_neg) version that the tests compare with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+__all__ = ["roc_auc", "roc_auc_pairs", "accuracy"]
+
+
+def _binary(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) int labels in {0, 1} and (n,) float64 finite scores, checked."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(f"labels and scores must be 1-D of equal length, got shapes {y.shape} and {s.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()))}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite (no NaN or inf)")
+    return y.astype(np.int64), s
+
+
+def roc_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve of binary ``labels`` (1 = positive) ranked by ``scores``.
+
+    Rank formula (module docstring), ties averaged. Returns NaN when only one class is
+    present (the AUC is undefined then); raises ValueError for bad input.
+    """
+    y, s = _binary(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s, method="average")  # (n,), 1-based, ties share their mean rank
+    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_auc_pairs(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """The same AUC by counting all (positive, negative) pairs: slow and obvious (tests)."""
+    y, s = _binary(labels, scores)
+    pos, neg = s[y == 1], s[y == 0]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
+def accuracy(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float = 0.5) -> float:
+    """Fraction of slides whose prediction ``score >= threshold`` equals the label (NaN if none)."""
+    y, s = _binary(labels, scores)
+    if y.size == 0:
+        return float("nan")
+    return float(((s >= threshold).astype(np.int64) == y).mean())

@@ -1,0 +1,865 @@
+"""Train StreamingCLAM end to end on whole slides: the paper's two-phase recipe, exact resume, DDP.
+
+Per epoch (``TrainConfig`` in :mod:`torch_impl.config`):
+
+    phase 1 (epoch < head_only_epochs): trunk frozen, only the CLAM head learns
+    phase 2: the whole network; trunk learning rate lr * trunk_lr_factor, optional smaller
+             recompute + backward tile (phase2_tile_size)
+
+    order = balanced (or shuffled) slide order of the epoch           f(seed, epoch)
+    for each slide of this process's share of the order:               rank r: r, r + N, ...
+        crop  = random max_size window inside the tissue               f(seed, epoch, position)
+        view  = AugmentedView(crop, flips, rot90, HSV jitter)          f(seed, epoch, position)
+        loss  = CE(model(view, tissue mask), label)                    (bf16 autocast on CUDA)
+        grads += d loss / d params                                     (streamed backward)
+        every `accumulate` slides: average over slides and processes, Adam step
+    validation: every val slide whole (no crop, no augmentation): loss, AUC, accuracy
+    last.pt (every epoch, and every `checkpoint_every` slides), best.pt (best val AUC),
+    metrics.csv, config.json
+
+Exact resume. Everything random is a pure function of (seed, epoch, position in the
+epoch's order): the order, the crop, the augmentation and the torch generator used for the
+slide (dropout); the learning rate is a function of the epoch. Checkpoints are written only
+right after an optimizer step (no half-accumulated gradients), with the model, Adam's state
+and how far the epoch got. ``--resume`` therefore continues bitwise identically to a run
+that was never interrupted (``tests/test_train.py``).
+
+Gradients come from ``torch.autograd.grad`` per slide and are added to ``.grad`` only once
+the slide succeeded: a slide that fails halfway (unreadable tile, non-finite loss or
+gradient) leaves the accumulated gradients untouched, so ``--skip-bad-slides`` can skip it
+cleanly. A non-finite loss stops the run, naming the slide, without writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .augment import AugmentedView, draw_augmentation
+from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, load_config, save_config, validate_config
+from .data import NoTissueError, SlideError, SlideRecord, discover, make_splits
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_parameters,
+    gather_objects,
+    init_distributed,
+    reduce_gradients,
+    shard,
+)
+from .inputs import SlideInput, open_slide_input
+from .metrics import accuracy, roc_auc
+from .model import StreamingCLAM, build_model
+from .streaming import to_model_input
+
+__all__ = [
+    "TrainingError",
+    "BadSlideError",
+    "NonFiniteLossError",
+    "TrainingStopped",
+    "epoch_order",
+    "train",
+    "main_train",
+]
+
+logger = logging.getLogger(__name__)
+
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.csv"
+#: metrics.csv: one row per epoch; lr is the head's; seconds = training time (without validation).
+METRIC_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_slides", "skipped", "val_loss", "val_auc",
+                  "val_accuracy", "val_slides", "seconds")
+
+#: Settings that may change on --resume without breaking the exact continuation.
+_RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_bad_slides", "out_dir", "data_dir"}
+
+# Streams of the per-run seed sequence: np.random.default_rng([seed, stream, ...]).
+_ORDER_STREAM, _SLIDE_STREAM = 1, 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the message says why and what to do)."""
+
+
+class BadSlideError(TrainingError):
+    """A slide is missing, unreadable or holds no tissue (skippable with ``skip_bad_slides``)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """A slide gave a NaN or infinite loss or gradient; the run stops, the last checkpoint stays."""
+
+
+class TrainingStopped(TrainingError):
+    """Raised on purpose after ``stop_after_slides`` slides (to test and debug resuming)."""
+
+
+# ----------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """How far the run got: everything besides the model and optimizer that a resume needs."""
+
+    epoch: int = 0  # completed epochs
+    slide_index: int = 0  # positions of `order` consumed so far (all processes together)
+    order: list[str] = field(default_factory=list)  # slide ids of the current epoch, in order
+    loss_sum: float = 0.0  # current epoch: sum of training losses so far (all processes)
+    slides: int = 0  # current epoch: slides trained on so far (all processes)
+    skipped: int = 0  # current epoch: slides skipped so far (all processes)
+    seconds: float = 0.0  # current epoch: wall time before the last checkpoint
+    best_val_auc: float | None = None  # best validation AUC so far (None: undefined so far)
+    best_val_loss: float | None = None  # its validation loss (tie-breaker)
+    best_epoch: int | None = None  # 1-based epoch of best.pt
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+
+
+# ----------------------------------------------------------------------------- orders
+def epoch_order(records: Sequence[SlideRecord], epoch: int, seed: int, sampler: str = "balanced",
+                max_slides: int | None = None) -> list[SlideRecord]:
+    """The epoch's slide order, a pure function of (records, epoch, seed).
+
+    ``"shuffle"``: a permutation of the records. ``"balanced"``: every class is drawn as often
+    as the largest class has slides: the largest class's slides once each, smaller classes
+    cycled through fresh permutations, the union shuffled (class-balanced like a weighted
+    sampler, but every slide of the largest class is seen each epoch). ``max_slides`` cuts the
+    order.
+    """
+    rng = np.random.default_rng([seed, _ORDER_STREAM, epoch])
+    records = sorted(records, key=lambda r: r.slide_id)
+    if not records:
+        return []
+    if sampler == "shuffle":
+        chosen = [records[i] for i in rng.permutation(len(records))]
+    elif sampler == "balanced":
+        by_label: dict[int, list[SlideRecord]] = {}
+        for r in records:
+            by_label.setdefault(r.label, []).append(r)
+        n = max(len(v) for v in by_label.values())
+        chosen = []
+        for label in sorted(by_label):
+            members = by_label[label]
+            draws: list[SlideRecord] = []
+            while len(draws) < n:
+                draws += [members[i] for i in rng.permutation(len(members))]
+            chosen += draws[:n]
+        chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    else:
+        raise ValueError(f"sampler must be 'balanced' or 'shuffle', got {sampler!r}")
+    return chosen[:max_slides] if max_slides is not None else chosen
+
+
+def slide_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator of one training slide: its crop, its augmentation, its torch seed."""
+    return np.random.default_rng([seed, _SLIDE_STREAM, epoch, position])
+
+
+def learning_rate_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the base learning rates in (0-based) ``epoch``: 1, or cosine to 0."""
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    return 1.0
+
+
+# ----------------------------------------------------------------------------- one slide
+def _open(record: SlideRecord, config: TrainConfig, rng: np.random.Generator | None) -> SlideInput:
+    try:
+        return open_slide_input(record.path, mpp=config.mpp, max_size=config.max_size, rng=rng)
+    except (FileNotFoundError, SlideError, NoTissueError) as e:
+        raise BadSlideError(f"slide {record.slide_id} ({record.path}): {e}") from e
+
+
+def _feature_mask(model: StreamingCLAM, view: AugmentedView, slide: SlideInput, record: SlideRecord) -> torch.Tensor:
+    """(1, h', w') tissue mask on the trunk's output grid for the (augmented) view."""
+    feature_hw = model.trunk.plan(view.shape[1:]).output_size
+    mask = view.feature_mask(slide, feature_hw, model.trunk.geometry[0].stride)
+    if not mask.any():
+        raise BadSlideError(f"slide {record.slide_id} ({record.path}): no tissue on the feature grid of its crop")
+    return mask
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record: SlideRecord, config: TrainConfig,
+                 rng: np.random.Generator, device: torch.device, amp_dtype: torch.dtype | None,
+                 where: str) -> float:
+    """Forward and streamed backward of one slide; adds its gradients to ``.grad``; returns the loss.
+
+    Nothing is added unless the whole slide succeeded (see the module docstring).
+    """
+    slide = _open(record, config, rng)
+    try:
+        aug = draw_augmentation(rng, config.flip, config.rot90, config.hue_shift, config.saturation_scale,
+                                config.value_scale)
+        view = AugmentedView(slide.source, aug)
+        mask = _feature_mask(model, view, slide, record).to(device)
+        label = torch.tensor([record.label], device=device)
+        torch_seed = int(rng.integers(2**62))
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(torch_seed)
+                with _autocast(device, amp_dtype):
+                    output = model(view, mask, label)
+                loss = model.loss(output, label)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({loss.item()}) on slide {record.slide_id} ({record.path}) "
+                        f"{where}; stopping without saving, the last checkpoint is intact")
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except (SlideError, OSError) as e:
+            raise BadSlideError(f"slide {record.slide_id} ({record.path}): reading failed during training: {e}") from e
+    finally:
+        slide.close()
+    bad = [i for i, g in enumerate(grads) if g is not None and not torch.isfinite(g).all()]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite gradient ({len(bad)} parameter tensors) from slide {record.slide_id} ({record.path}) "
+            f"{where}; stopping without saving, the last checkpoint is intact")
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(g)
+    return float(loss.detach())
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], group: torch.Tensor,
+                    info: DistInfo, grad_clip: float | None) -> torch.Tensor:
+    """Average the accumulated gradients over slides and processes, step, zero them.
+
+    ``group`` = (slides, loss sum, skipped) of this process since the last step, float64;
+    returns it summed over processes.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # every process reduces the same tensors
+    group = all_reduce_sum(group, info)
+    reduce_gradients(params, info)
+    n = int(group[0].item())
+    if n > 0:
+        with torch.no_grad():
+            for p in params:
+                p.grad.div_(n)  # mean over the slides of all processes
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return group
+
+
+# ----------------------------------------------------------------------------- batch-norm start
+def calibrate_batchnorm(module: torch.nn.Module, batch: torch.Tensor) -> int:
+    """Data-dependent start for a randomly initialised trunk: set each batch norm's statistics
+    so that its input is standardised over ``batch``.
+
+    A random ResNet whose batch norms are frozen at (mean 0, var 1) is not normalised at all:
+    activations grow through the 16 residual blocks (feature magnitudes ~100 at the output),
+    the head's softmax saturates and training crawls. In one forward pass over ``batch``
+    (N, 3, h, w), a pre-hook on every ``nn.BatchNorm2d`` sets ``running_mean`` and
+    ``running_var`` to the per-channel mean and (biased) variance of its input before it is
+    applied, so every later layer already sees normalised inputs (the idea of LSUV
+    initialisation, Mishkin & Matas 2016, applied to the frozen statistics).
+
+    Returns the number of batch norms set. Affine weights and biases are left alone.
+    """
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    def hook(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].double()  # (N, C, h, w)
+        bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False).clamp_min(bn.eps))
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in norms]
+    try:
+        with torch.no_grad():
+            module(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(norms)
+
+
+def calibration_batch(model: StreamingCLAM, records: Sequence[SlideRecord], config: TrainConfig,
+                      device: torch.device, n_slides: int = 8, size: int = 256) -> torch.Tensor:
+    """(N, 3, size, size) network input: the central ``size`` x ``size`` crop of the tissue of
+    up to ``n_slides`` training slides (alternating classes, sorted ids), normalised like tiles."""
+    by_label: dict[int, list[SlideRecord]] = {}
+    for r in sorted(records, key=lambda r: r.slide_id):
+        by_label.setdefault(r.label, []).append(r)
+    longest = max((len(v) for v in by_label.values()), default=0)
+    picked = [v[i] for i in range(longest) for v in by_label.values() if i < len(v)][:n_slides]  # round robin
+    crops = []
+    for record in picked:
+        try:
+            slide = _open(record, config, None)
+        except BadSlideError as e:
+            logger.warning("batch-norm calibration: skipping %s", e)
+            continue
+        try:
+            _, h, w = slide.source.shape
+            crops.append(slide.source.read((h - size) // 2, (w - size) // 2, size, size))  # (3, size, size) uint8
+        finally:
+            slide.close()
+    if not crops:
+        raise TrainingError("batch-norm calibration: no training slide could be read")
+    pixels = torch.from_numpy(np.stack(crops)).to(device)  # (N, 3, size, size) uint8
+    dtype = next(model.trunk.module.parameters()).dtype
+    return to_model_input(pixels, model.trunk.mean, model.trunk.std, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(model: StreamingCLAM, records: Sequence[SlideRecord], config: TrainConfig, device: torch.device,
+             amp_dtype: torch.dtype | None, info: DistInfo | None = None, progress: bool = False) -> dict[str, Any]:
+    """Loss (bag cross-entropy), AUC and accuracy on whole slides (no crop, no augmentation).
+
+    Processes share the slides (rank r: r, r + N, ...) and gather the results. Returns
+    {"val_loss", "val_auc", "val_accuracy", "val_slides", "val_skipped"} (NaN when undefined).
+    """
+    info = info if info is not None else DistInfo()
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[str, int, float, float]] = []
+    skipped = 0
+    local = list(records)[info.rank :: info.world_size]
+    try:
+        with torch.no_grad():
+            for record in tqdm(local, desc="validation", leave=False, disable=not progress):
+                try:
+                    slide = _open(record, config, None)
+                    try:
+                        view = AugmentedView(slide.source)
+                        mask = _feature_mask(model, view, slide, record).to(device)
+                        label = torch.tensor([record.label], device=device)
+                        with _autocast(device, amp_dtype):
+                            output = model(slide.source, mask)
+                        loss = float(model.loss(output, label))
+                        prob = float(output.probs[0, 1])
+                    except (SlideError, OSError) as e:
+                        raise BadSlideError(f"slide {record.slide_id} ({record.path}): {e}") from e
+                    finally:
+                        slide.close()
+                except BadSlideError as e:
+                    if not config.skip_bad_slides:
+                        raise
+                    logger.warning("skipping validation slide: %s", e)
+                    skipped += 1
+                    continue
+                rows.append((record.slide_id, record.label, prob, loss))
+    finally:
+        model.train(was_training)
+    parts = gather_objects((rows, skipped), info)  # [(rows, skipped)] per process
+    gathered = [row for part in parts for row in part[0]]
+    skipped = sum(part[1] for part in parts)
+    labels = [r[1] for r in gathered]
+    probs = [r[2] for r in gathered]
+    finite = all(math.isfinite(p) for p in probs)
+    return {
+        "val_loss": float(np.mean([r[3] for r in gathered])) if gathered else float("nan"),
+        "val_auc": roc_auc(labels, probs) if gathered and finite else float("nan"),
+        "val_accuracy": accuracy(labels, probs) if gathered and finite else float("nan"),
+        "val_slides": len(gathered),
+        "val_skipped": skipped,
+    }
+
+
+def _is_better(auc: float, loss: float, state: RunState) -> bool:
+    """Higher validation AUC wins; an undefined AUC ranks lowest; equal AUCs: lower loss wins."""
+    key = (auc if math.isfinite(auc) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
+    if state.best_epoch is None:
+        return True
+    best_auc = state.best_val_auc if state.best_val_auc is not None else -math.inf
+    best_loss = state.best_val_loss if state.best_val_loss is not None else math.inf
+    return key > (best_auc, -best_loss)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+def _checkpoint(path: Path, run: "_Run", config: TrainConfig) -> None:
+    save_checkpoint(
+        path,
+        model=run.model.state_dict(),
+        model_config=dataclasses.asdict(config.model),
+        train_config=config.to_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=None,  # the learning rate is learning_rate_factor(config, epoch)
+        world_size=run.info.world_size,
+        rng=rng_state(),
+        **dataclasses.asdict(run.state),
+    )
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv from the history (rewritten whole and atomically: always matches last.pt)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+class _TensorBoard:
+    """Per-epoch scalars to TensorBoard when the ``tensorboard`` package is installed."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard is not installed: metrics go to %s only", folder / METRICS)
+            return
+        self.writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key in ("lr", "train_loss", "val_loss", "val_auc", "val_accuracy"):
+            value = row.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        if key in _RESUMABLE_CHANGES or stored.get(key) == current.get(key):
+            continue
+        changes.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _set_phase(model: StreamingCLAM, config: TrainConfig, epoch: int) -> int:
+    """Freeze or unfreeze the trunk for ``epoch``; returns the phase (1 or 2)."""
+    phase = 1 if epoch < config.head_only_epochs else 2
+    model.set_trunk_trainable(phase == 2)
+    backward_tile = config.model.backward_tile_size or config.model.tile_size
+    if phase == 2 and config.phase2_tile_size is not None:
+        backward_tile = config.phase2_tile_size
+    model.trunk.backward_tile_size = backward_tile
+    return phase
+
+
+def _make_optimizer(model: StreamingCLAM, config: TrainConfig) -> torch.optim.Adam:
+    """Adam over two groups: the head (lr) and the trunk (lr * trunk_lr_factor).
+
+    The trunk's group exists from the start: in phase 1 its parameters get no gradient, and
+    Adam skips parameters without one, so the optimizer (and its checkpointed state) never
+    needs rebuilding at the phase switch.
+    """
+    return torch.optim.Adam(
+        [
+            {"params": list(model.head.parameters()), "name": "head"},
+            {"params": list(model.trunk.parameters()), "name": "trunk", "lr": config.lr * config.trunk_lr_factor},
+        ],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+
+
+def _load_records(config: TrainConfig, info: DistInfo) -> tuple[list[SlideRecord], list[SlideRecord]]:
+    """(training, validation) records; rank 0 writes the splits CSV, the others then read it."""
+    records = [r for r in discover(config.data_dir, exclude=config.exclude) if r.split != "test"]
+    if not records:
+        raise TrainingError(f"no training slides under {config.data_dir} (expected training/normal, training/tumor)")
+    splits_csv = config.resolved_splits_csv()
+    if info.is_main:
+        records = make_splits(records, splits_csv, config.val_fraction, config.seed)
+    barrier(info)
+    if not info.is_main:
+        records = make_splits(records, splits_csv, config.val_fraction, config.seed)
+    train_records = [r for r in records if r.split == "train"]
+    val_records = [r for r in records if r.split == "val"]
+    if not train_records:
+        raise TrainingError(f"{splits_csv} leaves no training slides (all {len(records)} are 'val')")
+    return train_records, val_records
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    """What one call of :func:`train` works with (built by :func:`_start_run`)."""
+
+    config: TrainConfig
+    info: DistInfo
+    device: torch.device
+    model: StreamingCLAM
+    optimizer: torch.optim.Optimizer
+    state: RunState
+    train_by_id: dict[str, SlideRecord]
+    val_records: list[SlideRecord]
+    amp_dtype: torch.dtype | None
+    progress: bool
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out_dir)
+
+
+def _start_run(config: TrainConfig, resume: bool) -> _Run:
+    """Join the process group, read the splits, build (or restore) model, optimizer and state."""
+    info, device = init_distributed(config.device)
+    out = Path(config.out_dir)
+    last_path = out / LAST
+    if resume and not last_path.is_file():
+        raise TrainingError(f"--resume: no {LAST} in {out} to resume from")
+    if not resume and last_path.exists():
+        raise TrainingError(f"{out} already holds {LAST}: pass --resume to continue that run, or choose another --out")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out)
+    train_records, val_records = _load_records(config, info)
+    by_id = {r.slide_id: r for r in train_records}
+
+    torch.manual_seed(config.seed)  # the model's initialisation, the same on every process
+    if resume:  # every weight comes from last.pt: no weight file needed, no random-init warning
+        with quiet_random_init():
+            model = build_model(dataclasses.replace(config.model, weights=None)).to(device)
+    else:
+        model = build_model(config.model).to(device)
+    optimizer = _make_optimizer(model, config)
+    state = RunState()
+    if resume:
+        ckpt = load_checkpoint(last_path, map_location=device)
+        changes = _config_changes(ckpt.get("train_config", {}), config.to_dict())
+        if changes:
+            logger.warning("resuming %s with changed settings (no longer an exact continuation): %s",
+                           last_path, "; ".join(changes))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        fields = {f.name for f in dataclasses.fields(RunState)}
+        state = RunState(**{k: v for k, v in ckpt.items() if k in fields})
+        if state.slide_index and ckpt.get("world_size", 1) != info.world_size:
+            raise TrainingError(
+                f"{last_path} stopped mid-epoch with {ckpt.get('world_size')} processes; resume it with the same "
+                f"number (now {info.world_size}), or from an epoch boundary")
+        missing = [s for s in state.order if s not in by_id]
+        if missing:
+            raise TrainingError(
+                f"{last_path}: slides of the interrupted epoch are no training slides now: {missing[:5]}")
+        set_rng_state(ckpt["rng"])
+        if state.epoch >= config.epochs:
+            logger.info("%s: all %d epochs are done already", last_path, config.epochs)
+        else:
+            logger.info("resuming %s: %d epochs done, %d slides into epoch %d", last_path, state.epoch,
+                        state.slide_index, state.epoch + 1)
+    elif config.calibrate_bn and config.model.weights is None:
+        n = calibrate_batchnorm(model.trunk.module, calibration_batch(model, train_records, config, device))
+        logger.info("random trunk: set the statistics of %d frozen batch norms from training crops", n)
+    broadcast_parameters(model, info)
+
+    amp_dtype = _amp_dtype(config, device)
+    logger.info("training on %d slides, validating on %d, %d epoch(s) (%d head only) at %g um/px on %s%s%s",
+                len(train_records), len(val_records), config.epochs, config.head_only_epochs, config.mpp, device,
+                " with bf16 autocast" if amp_dtype is not None else "",
+                f", {info.world_size} processes" if info.enabled else "")
+    progress = config.progress and info.is_main and sys.stderr.isatty()
+    return _Run(config, info, device, model, optimizer, state, by_id, val_records, amp_dtype, progress)
+
+
+def _train_epoch(run: _Run, epoch: int, phase: int, stop_after_slides: int | None, done: int,
+                 on_slide: Callable[[dict[str, Any]], None] | None) -> int:
+    """Train on this process's share of the epoch's order, from where ``run.state`` stands.
+
+    Steps every ``accumulate`` slides and writes last.pt every ``checkpoint_every`` slides
+    (right after a step). Returns ``done`` plus the slides trained on here.
+    """
+    config, info, state, model = run.config, run.info, run.state, run.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if state.slide_index == 0:
+        state.order = [r.slide_id for r in epoch_order(
+            list(run.train_by_id.values()), epoch, config.seed, config.sampler, config.max_slides_per_epoch)]
+    positions = shard(list(enumerate(state.order)), info.rank, info.world_size)  # [(position, slide id)]
+    start_local = state.slide_index // info.world_size
+    started = time.perf_counter() - state.seconds
+    last_saved = state.slide_index
+    group = torch.zeros(3, dtype=torch.float64, device=run.device)  # this process: slides, loss sum, skipped
+    model.train()
+    bar = tqdm(total=len(positions), initial=start_local, desc=f"epoch {epoch + 1} (phase {phase})",
+               leave=False, disable=not run.progress)
+    for i in range(start_local, len(positions)):
+        position, slide_id = positions[i]
+        record = run.train_by_id[slide_id]
+        where = f"(epoch {epoch + 1}, position {position})"
+        t0 = time.perf_counter()
+        try:
+            loss = _train_slide(model, params, record, config, slide_rng(config.seed, epoch, position), run.device,
+                                run.amp_dtype, where)
+            group += torch.tensor([1.0, loss, 0.0], dtype=torch.float64, device=run.device)
+            logger.debug("%s %s: loss %.4f, %.2f s", record.slide_id, where, loss, time.perf_counter() - t0)
+        except BadSlideError as e:
+            if not config.skip_bad_slides:
+                raise
+            logger.warning("skipping %s: %s", where, e)
+            group[2] += 1
+            loss = None
+        bar.update(1)
+        done += 1
+        if on_slide is not None:
+            on_slide({"epoch": epoch, "position": position, "slide_id": slide_id, "loss": loss})
+        if (i + 1) % config.accumulate == 0 or i + 1 == len(positions):
+            slides, loss_sum, skipped = _optimizer_step(run.optimizer, params, group, info, config.grad_clip).tolist()
+            group.zero_()
+            state.slides += int(slides)
+            state.loss_sum += loss_sum
+            state.skipped += int(skipped)
+            state.slide_index = (i + 1) * info.world_size
+            state.seconds = time.perf_counter() - started
+            if state.slides:
+                bar.set_postfix(loss=f"{state.loss_sum / state.slides:.4f}")
+            due = config.checkpoint_every and state.slide_index - last_saved >= config.checkpoint_every
+            if due and i + 1 < len(positions):
+                if info.is_main:
+                    _checkpoint(run.out / LAST, run, config)
+                    logger.debug("wrote %s after %d slides of epoch %d", run.out / LAST, state.slide_index, epoch + 1)
+                last_saved = state.slide_index
+        if stop_after_slides is not None and done >= stop_after_slides:
+            raise TrainingStopped(f"stopped after {done} slides as asked (stop_after_slides)")
+    bar.close()
+    if state.slides == 0:
+        raise TrainingError(f"epoch {epoch + 1}: every slide was skipped; nothing was trained")
+    return done
+
+
+def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _TensorBoard) -> None:
+    """Validate, record the epoch's metrics, write last.pt, best.pt (if better) and metrics.csv."""
+    config, state = run.config, run.state
+    if run.val_records:
+        val = validate(run.model, run.val_records, config, run.device, run.amp_dtype, run.info, run.progress)
+        improved = _is_better(val["val_auc"], val["val_loss"], state)
+    else:  # without validation slides best.pt follows the last epoch
+        val = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan, "val_slides": 0, "val_skipped": 0}
+        improved = True
+    row = {
+        "epoch": epoch + 1, "phase": phase, "lr": config.lr * factor,
+        "train_loss": state.loss_sum / state.slides, "train_slides": state.slides, "skipped": state.skipped,
+        **val, "seconds": round(state.seconds, 3),
+    }
+    state.history.append(row)
+    if improved:
+        state.best_val_auc = val["val_auc"] if math.isfinite(val["val_auc"]) else None
+        state.best_val_loss = val["val_loss"] if math.isfinite(val["val_loss"]) else None
+        state.best_epoch = epoch + 1
+    state.epoch, state.slide_index, state.order = epoch + 1, 0, []
+    state.loss_sum, state.slides, state.skipped, state.seconds = 0.0, 0, 0, 0.0
+    if run.info.is_main:
+        _checkpoint(run.out / LAST, run, config)
+        if improved:
+            _checkpoint(run.out / BEST, run, config)
+        _write_metrics(run.out / METRICS, state.history)
+        board.log(row)
+    logger.info(
+        "epoch %d/%d (phase %d): train loss %.4f on %d slides%s; val loss %.4f, AUC %.4f, accuracy %.4f on %d "
+        "slides; %.0f s%s", epoch + 1, config.epochs, phase, row["train_loss"], row["train_slides"],
+        f" ({row['skipped']} skipped)" if row["skipped"] else "", row["val_loss"], row["val_auc"],
+        row["val_accuracy"], row["val_slides"], row["seconds"], "; new best" if improved else "")
+
+
+def train(config: TrainConfig, resume: bool = False, *, stop_after_slides: int | None = None,
+          on_slide: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train (or with ``resume`` continue) a run; returns the final metrics.
+
+    Args:
+        config: the run (validated here). ``config.out_dir`` receives config.json,
+            splits.csv, metrics.csv, last.pt and best.pt.
+        resume: continue from ``<out_dir>/last.pt`` exactly where it stopped. Without it, a
+            run folder that already holds last.pt is refused.
+        stop_after_slides: raise :class:`TrainingStopped` after this many slides (debugging
+            and testing of resume).
+        on_slide: called after every training slide with {"epoch" (0-based), "position",
+            "slide_id", "loss"} (loss None for a skipped slide); exceptions it raises stop the run.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every process calls this; rank 0 writes the files.
+
+    Returns:
+        {"epochs", "train_loss", "val_loss", "val_auc", "val_accuracy", "best_val_auc",
+        "best_epoch", "last_checkpoint", "best_checkpoint", "metrics_csv"}.
+
+    Raises:
+        BadSlideError: a slide is unusable and ``skip_bad_slides`` is off.
+        NonFiniteLossError: a loss or gradient is NaN/inf (no checkpoint is written).
+        TrainingError: nothing to train on, nothing to resume, or a run folder in the way.
+    """
+    validate_config(config)
+    run = _start_run(config, resume)
+    state = run.state
+    board = _TensorBoard(run.out, run.info.is_main)
+    done = 0  # slides this call has trained on (for stop_after_slides)
+    try:
+        with logging_redirect_tqdm() if run.progress else nullcontext():
+            for epoch in tqdm(range(state.epoch, config.epochs), desc="epochs", initial=state.epoch,
+                              total=config.epochs, disable=not run.progress):
+                phase = _set_phase(run.model, config, epoch)
+                factor = learning_rate_factor(config, epoch)
+                for group in run.optimizer.param_groups:  # from the config, also after a resume
+                    scale = config.trunk_lr_factor if group["name"] == "trunk" else 1.0
+                    group["lr"] = config.lr * scale * factor
+                    group["weight_decay"] = config.weight_decay
+                done = _train_epoch(run, epoch, phase, stop_after_slides, done, on_slide)
+                _finish_epoch(run, epoch, phase, factor, board)
+    finally:
+        board.close()
+    barrier(run.info)
+    final = state.history[-1] if state.history else {}
+    return {
+        "epochs": state.epoch,
+        "train_loss": final.get("train_loss"),
+        "val_loss": final.get("val_loss"),
+        "val_auc": final.get("val_auc"),
+        "val_accuracy": final.get("val_accuracy"),
+        "best_val_auc": state.best_val_auc,
+        "best_epoch": state.best_epoch,
+        "last_checkpoint": str(run.out / LAST),
+        "best_checkpoint": str(run.out / BEST),
+        "metrics_csv": str(run.out / METRICS),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m torch_impl train",
+        description="Train StreamingCLAM (ResNet-34 + CLAM, streamed) on a CAMELYON16-style data set. "
+                    "Settings: defaults < --config FILE (or the run's config.json with --resume) < options. "
+                    "Several GPUs: torchrun --nproc_per_node N -m torch_impl train ...",
+    )
+    a = p.add_argument
+    a("--data", dest="data_dir", help="CAMELYON16 root (training/normal, training/tumor, ...)")
+    a("--out", dest="out_dir", help="run folder (config.json, splits.csv, metrics.csv, last.pt, best.pt)")
+    a("--config", type=Path, help="JSON file with TrainConfig fields (model settings under \"model\")")
+    a("--resume", action="store_true", help="continue the run in --out exactly where last.pt left it")
+    a("--epochs", type=int, help="total epochs (both phases)")
+    a("--head-only-epochs", type=int, help="phase-1 epochs with the trunk frozen")
+    a("--lr", type=float, help="Adam learning rate (head)")
+    a("--trunk-lr-factor", type=float, help="phase-2 trunk learning rate = lr * this")
+    a("--lr-schedule", choices=("constant", "cosine"))
+    a("--weight-decay", type=float)
+    a("--accumulate", type=int, help="slides per optimizer step (per process)")
+    a("--grad-clip", type=float, help="clip the gradient norm to this value")
+    a("--seed", type=int)
+    a("--mpp", type=float, help="working resolution, micrometres per pixel")
+    a("--max-size", type=int, help="largest training crop side, pixels")
+    a("--val-fraction", type=float, help="fraction of training slides per class held out for validation")
+    a("--splits-csv", help="slide,label,split file (default RUN/splits.csv, written once)")
+    a("--exclude", nargs="*", help="slide ids to leave out (default test_049)")
+    a("--sampler", choices=("balanced", "shuffle"))
+    a("--max-slides-per-epoch", type=int)
+    a("--skip-bad-slides", action="store_true", default=None,
+      help="skip missing/unreadable/tissue-less slides with a warning instead of stopping")
+    a("--width", type=int, help="ResNet-34 base width (64 = the real network)")
+    a("--weights", help="local torchvision resnet34 weight file (ImageNet)")
+    a("--tile-size", type=int, help="forward tile side, pixels")
+    a("--backward-tile-size", type=int, help="recompute + backward tile side, pixels")
+    a("--phase2-tile-size", type=int, help="recompute + backward tile side in phase 2")
+    a("--pool", choices=("max", "avg", "none"), help="pooling of the feature map before the head")
+    a("--pool-size", type=int)
+    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random flips")
+    a("--rot90", action=argparse.BooleanOptionalAction, default=None, help="random quarter turns")
+    a("--hue-shift", type=float, help="max hue shift, turns")
+    a("--saturation-scale", type=float, help="max relative saturation change")
+    a("--value-scale", type=float, help="max relative brightness change")
+    a("--device", help="auto, cpu, cuda or cuda:N")
+    a("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (auto: on CUDA only)")
+    a("--checkpoint-every", type=int, help="also write last.pt every N slides (mid-epoch resume)")
+    a("--stop-after-slides", type=int, help="debugging: stop after N slides (to try --resume)")
+    a("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    a("-v", "--verbose", action="store_true", help="debug logging (one line per slide)")
+    return p
+
+
+_MODEL_OPTIONS = {"width": "width", "weights": "weights", "tile_size": "tile_size",
+                  "backward_tile_size": "backward_tile_size", "pool": "pool", "pool_size": "pool_size"}
+_NOT_CONFIG = {"config", "resume", "stop_after_slides", "quiet", "verbose"}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config (or RUN/config.json on --resume) < the options given."""
+    if args.config is not None:
+        config = load_config(args.config)
+    elif args.resume and args.out_dir and (Path(args.out_dir) / "config.json").is_file():
+        config = load_config(Path(args.out_dir) / "config.json")
+    else:
+        config = TrainConfig()
+    model_changes = {}
+    changes = {}
+    for key, value in vars(args).items():
+        if value is None or key in _NOT_CONFIG:
+            continue
+        if key in _MODEL_OPTIONS:
+            model_changes[_MODEL_OPTIONS[key]] = None if value == "none" else value
+        else:
+            changes[key] = value
+    if args.quiet:
+        changes["progress"] = False
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes), **changes)
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m torch_impl train --data DIR --out RUN [options]``. Returns the exit status."""
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    elif args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for all
+    try:
+        config = config_from_args(args)
+        validate_config(config)
+    except (ValueError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 2
+    log_handler = None
+    if rank == 0:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        log_handler = logging.FileHandler(Path(config.out_dir) / "train.log")
+        log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(log_handler)
+    try:
+        result = train(config, resume=args.resume, stop_after_slides=args.stop_after_slides)
+    except TrainingStopped as e:
+        logger.warning("%s; continue with --resume", e)
+        return 3
+    except (TrainingError, SlideError, NoTissueError) as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
+            log_handler.close()
+    logger.info("done: %s", json.dumps(result))
+    return 0
