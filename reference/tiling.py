@@ -13,11 +13,11 @@ Per axis, with total stride ``S``, receptive field ``r`` and offset ``o`` (see
   gives the full gradient (linearity), and stitching the owned blocks gives the full output.
 
 A tile of length ``L`` that starts at ``a > 0`` owns ``B = floor((L - r + o) / S) - c + 1``
-outputs, so the smallest useful tile is ``L_min = c S + r - o`` (``B = 1``). The planner
-trims a requested length ``T`` to the shortest length with the same ``B``,
-``L = (B - 1 + c) S + r - o``, steps tiles by ``B S`` and moves the last one back so that it
-ends on the image border. Each axis thus has at most two tile lengths, and an image at
-most four tile shapes.
+outputs, so the smallest useful tile is ``L_min = c S + r - o`` (``B = 1``), and the
+shortest length owning ``B`` outputs is ``L_B = (B - 1 + c) S + r - o``. For a cap ``T`` the
+planner finds the fewest tiles that some ``L_B <= T`` needs, takes the shortest such tiles,
+steps them by ``B S`` and moves the last one back so that it ends on the image border.
+Each axis thus has at most two tile lengths, and an image at most four tile shapes.
 """
 
 from __future__ import annotations
@@ -195,8 +195,18 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
             f"least {smallest}"
         )
     c = _ceil_div(o, S)
-    owned_per_tile = (tile - r + o) // S - c + 1  # B >= 1, owned by an interior tile
-    L = (owned_per_tile - 1 + c) * S + r - o  # shortest length owning B outputs
+    most_owned = (tile - r + o) // S - c + 1  # B >= 1 outputs owned by an interior tile
+    # The fewest tiles that the cap allows, then the shortest tiles that need no more of
+    # them: owning fewer outputs each, tiles overlap less and the last one is not forced
+    # far back over its neighbour.
+    plans = [_tiles_of_length(geometry, n, n_out, (B - 1 + c) * S + r - o) for B in range(1, most_owned + 1)]
+    return min(plans, key=lambda tiles: (len(tiles), sum(t.length for t in tiles)))
+
+
+def _tiles_of_length(geometry: AxisGeometry, n: int, n_out: int, L: int) -> tuple[AxisTile, ...]:
+    """Tiles of length ``L`` stepped by the outputs they own; the last one ends on the border."""
+    S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
+    c = _ceil_div(o, S)
     tiles: list[AxisTile] = []
     a, j0 = 0, 0
     while j0 < n_out:
