@@ -69,3 +69,17 @@ def test_build_model_from_config():
     assert out.logits.shape == (1, 2) and out.attention.shape[-2:] == (1, 1)  # 3x5 map, 8x8 pooled
     with pytest.raises(ValueError, match="'sb' or 'mb'"):
         build_model(ModelConfig(width=4, head="xx"))
+
+
+def test_load_model_with_overrides(tmp_path):
+    import dataclasses
+
+    from torch_impl.checkpoint import load_model, save_checkpoint
+
+    config = ModelConfig(width=4, tile_size=512, hidden_dim=16, attention_dim=8)
+    model = build_model(config)
+    save_checkpoint(tmp_path / "m.pt", model=model.state_dict(), model_config=dataclasses.asdict(config))
+    loaded, stored = load_model(tmp_path / "m.pt", tile_size=2048, backward_tile_size=1024)
+    assert stored.tile_size == 2048 and loaded.trunk.tile_size == 2048 and loaded.trunk.backward_tile_size == 1024
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -142,8 +142,13 @@ def model_config_from_dict(values: dict[str, Any], where: str = "checkpoint") ->
     return ModelConfig(**values)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[StreamingCLAM, ModelConfig]:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any
+) -> tuple[StreamingCLAM, ModelConfig]:
     """The trained model of a checkpoint, on ``device``, and its ModelConfig.
+
+    ``overrides`` replace settings that do not change the weights, e.g.
+    ``load_model(path, tile_size=8192, backward_tile_size=2880)`` for another GPU.
 
     The network is built from the stored ``model_config`` with ``weights=None`` (no weight
     file is needed, and the random-initialisation warning is suppressed since every weight
@@ -153,6 +158,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     state = load_checkpoint(path)
     config = model_config_from_dict(dict(state["model_config"]), where=str(path))
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
     with quiet_random_init():
         model = build_model(dataclasses.replace(config, weights=None))
     try:

@@ -74,9 +74,9 @@ def open_slide_input(
     """
     slide = Slide(path, mpp=mpp)
     try:
-        thumb = slide.thumbnail(thumbnail_size)  # (h_t, w_t, 3)
-        mask = tissue_mask(thumb)
         _, H, W = slide.shape
+        thumb = slide.thumbnail(min(thumbnail_size, max(H, W)))  # (h_t, w_t, 3), never upscaled
+        mask = tissue_mask(thumb)
         scale = (H / mask.shape[0], W / mask.shape[1])
         box = crop_box(tissue_bbox(mask, scale, limit_hw=(H, W)), max_size=max_size, rng=rng)
     except Exception:
