@@ -44,7 +44,7 @@ import torch
 from .checkpoint import CheckpointError, load_model
 from .data import SlideError, SlideRecord, discover, read_splits
 from .inputs import SlideInput, open_slide_input
-from .metrics import roc_auc
+from .metrics import binary_labels_and_scores, roc_auc
 from .model import StreamingCLAM
 from .plots import plot_roc
 
@@ -186,17 +186,11 @@ def predict_slide(
 
 # ---------------------------------------------------------------------- metrics
 def _check_binary(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.ndim != 1 or y.shape != s.shape:
-        raise ValueError(f"labels and scores must be 1-D of equal length, got {y.shape} and {s.shape}")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {np.unique(y).tolist()}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores must be finite")
+    """Checked (n,) labels and scores (see metrics), with both classes present."""
+    y, s = binary_labels_and_scores(labels, scores)
     if y.min(initial=1) == y.max(initial=0):
         raise ValueError("the ROC needs both classes; labels hold only one")
-    return y.astype(np.int64), s
+    return y, s
 
 
 def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

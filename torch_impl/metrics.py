@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["roc_auc", "roc_auc_pairs", "accuracy"]
+__all__ = ["roc_auc", "roc_auc_pairs", "accuracy", "binary_labels_and_scores"]
 
 
-def _binary(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def binary_labels_and_scores(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n,) int labels in {0, 1} and (n,) float64 finite scores, checked."""
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
@@ -40,7 +40,7 @@ def roc_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nda
     Rank formula (module docstring), ties averaged. Returns NaN when only one class is
     present (the AUC is undefined then); raises ValueError for bad input.
     """
-    y, s = _binary(labels, scores)
+    y, s = binary_labels_and_scores(labels, scores)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -52,7 +52,7 @@ def roc_auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nda
 
 def roc_auc_pairs(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
     """The same AUC by counting all (positive, negative) pairs: slow and obvious (tests)."""
-    y, s = _binary(labels, scores)
+    y, s = binary_labels_and_scores(labels, scores)
     pos, neg = s[y == 1], s[y == 0]
     if pos.size == 0 or neg.size == 0:
         return float("nan")
@@ -62,7 +62,7 @@ def roc_auc_pairs(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | 
 
 def accuracy(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float = 0.5) -> float:
     """Fraction of slides whose prediction ``score >= threshold`` equals the label (NaN if none)."""
-    y, s = _binary(labels, scores)
+    y, s = binary_labels_and_scores(labels, scores)
     if y.size == 0:
         return float("nan")
     return float(((s >= threshold).astype(np.int64) == y).mean())
