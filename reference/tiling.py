@@ -199,27 +199,37 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
     # The fewest tiles that the cap allows, then the shortest tiles that need no more of
     # them: owning fewer outputs each, tiles overlap less and the last one is not forced
     # far back over its neighbour.
-    plans = [_tiles_of_length(geometry, n, n_out, (B - 1 + c) * S + r - o) for B in range(1, most_owned + 1)]
-    return min(plans, key=lambda tiles: (len(tiles), sum(t.length for t in tiles)))
+    def spans_owning(B: int) -> list[tuple[int, int, int, int]]:
+        return _spans(geometry, n, n_out, (B - 1 + c) * S + r - o)
+
+    fewest = len(spans_owning(most_owned))
+    low, high = 1, most_owned  # bisect for the smallest B that needs no more tiles
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(spans_owning(mid)) <= fewest else (mid + 1, high)
+    spans = spans_owning(low)
+    out_lengths = {b - a: geometry.output_size(b - a) for a, b, _, _ in spans}  # two lengths at most
+    return tuple(AxisTile(a, b, j0, j1, S, out_lengths[b - a]) for a, b, j0, j1 in spans)
 
 
-def _tiles_of_length(geometry: AxisGeometry, n: int, n_out: int, L: int) -> tuple[AxisTile, ...]:
-    """Tiles of length ``L`` stepped by the outputs they own; the last one ends on the border."""
+def _spans(geometry: AxisGeometry, n: int, n_out: int, L: int) -> list[tuple[int, int, int, int]]:
+    """(start, stop, out_start, out_stop) of tiles of length ``L`` stepped by the outputs they
+    own; the last one ends on the border."""
     S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
     c = _ceil_div(o, S)
-    tiles: list[AxisTile] = []
+    spans = []
     a, j0 = 0, 0
     while j0 < n_out:
         if a + L >= n:  # last tile: move it back to end on the border, keep a multiple of S
             # (and start inside the image: outputs that read only padding need a real tile)
             a_last = min(max(_ceil_div(n - L, S) * S, 0), (n - 1) // S * S)
-            tiles.append(AxisTile(a_last, n, j0, n_out, S, geometry.output_size(n - a_last)))
+            spans.append((a_last, n, j0, n_out))
             break
         j1 = min((a + L - r + o) // S + 1, n_out)  # first output not inside [a, a + L)
-        tiles.append(AxisTile(a, a + L, j0, j1, S, geometry.output_size(L)))
+        spans.append((a, a + L, j0, j1))
         j0 = j1
         a = (j0 - c) * S
-    return tuple(tiles)
+    return spans
 
 
 def best_tile_size(geometry: AxisGeometry, n: int, max_tile: int) -> int:
