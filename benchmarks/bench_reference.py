@@ -64,7 +64,6 @@ if __name__ == "__main__":
     _set_thread_env(_threads_from_argv(sys.argv[1:]))
 
 import argparse
-import ctypes
 import resource
 import statistics
 import time
@@ -78,6 +77,8 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.allocator import keep_freed_memory  # noqa: E402
 
 from reference.layers import Conv2d, Layer, Residual, Sequential
 from reference.nets import resnet34_trunk
@@ -124,26 +125,6 @@ def round_robin(
         for name, thunk in thunks.items():
             times[name].append(thunk())
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    By default every large array is a fresh ``mmap``, so each run faults its pages in again;
-    on a shared VM those page faults took from 0.06 s to 1.2 s of system time for the same
-    forward pass, swamping the compute being measured. With the thresholds raised, repeated
-    runs reuse the heap. Both sides of every comparison get the same allocator. Returns
-    False (and changes nothing) where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-        return bool(
-            libc.mallopt(M_MMAP_THRESHOLD, 2**30)
-            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-        )
-    except (OSError, AttributeError):
-        return False
 
 
 # --------------------------------------------------------------------------- part 1: one conv
