@@ -336,15 +336,9 @@ class Conv2d(_Window):
         return self._grad_x(grad_X, padded_shape), grads
 
 
-class MaxPool2d(_Window):
-    """Max over each window; padding with -inf (as torch), so padding never wins::
-
-        y[n, c, a, b] = max_{i, j} X[n, c, a, b, i, j]
-
-    The gradient goes to the argmax of each window only (the first one in row-major tap
-    order on ties, as torch). Shapes: x (N, C, H, W) -> y (N, C, H_out, W_out).
-    ``stride`` defaults to ``kernel_size``; ``padding <= kernel_size // 2`` per axis.
-    """
+class _Pool(_Window):
+    """A pooling window: ``stride`` defaults to ``kernel_size``, no dilation, and (torch's rule)
+    ``padding <= kernel_size // 2`` per axis."""
 
     def __init__(
         self,
@@ -354,6 +348,17 @@ class MaxPool2d(_Window):
     ) -> None:
         super().__init__(kernel_size, kernel_size if stride is None else stride, padding, 1)
         _check_pool_padding(self)
+
+
+class MaxPool2d(_Pool):
+    """Max over each window; padding with -inf (as torch), so padding never wins::
+
+        y[n, c, a, b] = max_{i, j} X[n, c, a, b, i, j]
+
+    The gradient goes to the argmax of each window only (the first one in row-major tap
+    order on ties, as torch). Shapes: x (N, C, H, W) -> y (N, C, H_out, W_out).
+    ``stride`` defaults to ``kernel_size``; ``padding <= kernel_size // 2`` per axis.
+    """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         _, X = self._windows(_as_input(self, x), pad_value=-np.inf)
@@ -370,7 +375,7 @@ class MaxPool2d(_Window):
         return self._grad_x(grad_X.reshape(N, C, H_out, W_out, k_h, k_w), padded_shape), {}
 
 
-class AvgPool2d(_Window):
+class AvgPool2d(_Pool):
     """Mean over each window, zero padding counted in the divisor (torch's count_include_pad)::
 
         y[n, c, a, b]          = 1 / (k_h k_w) sum_{i, j} X[n, c, a, b, i, j]
@@ -379,15 +384,6 @@ class AvgPool2d(_Window):
     Shapes as :class:`MaxPool2d`; ``stride`` defaults to ``kernel_size``;
     ``padding <= kernel_size // 2`` per axis.
     """
-
-    def __init__(
-        self,
-        kernel_size: Pair,
-        stride: Pair | None = None,
-        padding: Pair = 0,
-    ) -> None:
-        super().__init__(kernel_size, kernel_size if stride is None else stride, padding, 1)
-        _check_pool_padding(self)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         _, X = self._windows(_as_input(self, x))
