@@ -1,6 +1,6 @@
 """Benchmark StreamingTrunk against plain training on one image: time, peak memory, cost model.
 
-For the ResNet-34 trunk (``torch_impl.resnet.resnet34_trunk``, batch norm frozen), one image
+For the ResNet-34 trunk (``torch_impl.models.resnet.resnet34_trunk``, batch norm frozen), one image
 and one training step (forward, ``loss = output.float().mean()``, ``loss.backward()``):
 
 * *plain*: the whole image through the trunk with autograd (``OOM`` when it does not fit);
@@ -66,7 +66,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks.allocator import keep_freed_memory  # noqa: E402
 
 from reference.tiling import TilePlan
-from torch_impl.resnet import resnet34_trunk
+from torch_impl.models.resnet import resnet34_trunk
 from torch_impl.streaming import StreamingTrunk, to_model_input
 
 log = logging.getLogger("bench_streaming")
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     # resnet34_trunk warns "no weights given": random weights are intended here
-    logging.getLogger("torch_impl.resnet").setLevel(logging.ERROR)
+    logging.getLogger("torch_impl.models.resnet").setLevel(logging.ERROR)
     if argv[:1] == ["--worker"]:
         worker_main(argv[1])
         return

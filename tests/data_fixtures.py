@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from torch_impl.data import SlideRecord, make_demo_data
+from torch_impl.slides import SlideRecord, make_demo_data
 
 #: Arguments of `make_demo_data` for the tiny test data set.
 TINY = dict(n_normal=2, n_tumor=2, n_test_normal=2, n_test_tumor=2, size=(1024, 1024),

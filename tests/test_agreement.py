@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from torch_impl.resnet import freeze_batchnorm, resnet34, trunk
+from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 from torch_impl.streaming import StreamingTrunk
-from torch_impl.to_reference import to_reference
+from torch_impl.streaming.to_reference import to_reference
 
 
 def relative_error(a, b) -> float:

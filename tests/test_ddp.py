@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_impl.checkpoint import load_checkpoint
-from torch_impl.data import make_demo_data
-from torch_impl.train import main_train
+from torch_impl.pipeline.checkpoint import load_checkpoint
+from torch_impl.slides import make_demo_data
+from torch_impl.pipeline.train import main_train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Evaluation, ROC/bootstrap metrics, attention heatmaps and their CLIs.
 
 Oracles: a brute-force threshold sweep for the ROC points and the trapezoid area under
-them against ``torch_impl.metrics.roc_auc``; plain loops over pixels for where an attention
+them against ``torch_impl.pipeline.metrics.roc_auc``; plain loops over pixels for where an attention
 cell lands on a thumbnail and in the TIFF; a rectangle lesion drawn exactly over one cell;
 a second run for determinism. Slides are the tiny synthetic CAMELYON16 (1024 px at
 0.25 um/px, read at 0.5 um/px), the model a 2-channel-wide ResNet-34 with a tiny head.
@@ -24,9 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.data_fixtures import TINY, make_tiny_camelyon
-from torch_impl.data import discover, make_splits, read_lesions
-from torch_impl.data.synthetic import slide_seed, synthesize_slide
-from torch_impl.evaluate import (
+from torch_impl.slides import discover, make_splits, read_lesions
+from torch_impl.slides.synthetic import slide_seed, synthesize_slide
+from torch_impl.pipeline.evaluate import (
     BadSlideError,
     bootstrap_auc_ci,
     evaluate_run,
@@ -34,7 +34,7 @@ from torch_impl.evaluate import (
     predict_slide,
     roc_curve,
 )
-from torch_impl.heatmap import (
+from torch_impl.pipeline.heatmap import (
     attention_auc,
     attention_on_image,
     attention_to_uint8,
@@ -44,9 +44,9 @@ from torch_impl.heatmap import (
     write_attention_tiff,
     write_heatmap,
 )
-from torch_impl.inputs import open_slide_input
-from torch_impl.metrics import roc_auc
-from torch_impl.model import ModelConfig, build_model
+from torch_impl.slides.inputs import open_slide_input
+from torch_impl.pipeline.metrics import roc_auc
+from torch_impl.models.streaming_clam import ModelConfig, build_model
 
 MPP = 0.5  # working resolution of the tests: the 1024-px slides become 512 px
 CONFIG = ModelConfig(width=2, tile_size=1024, hidden_dim=8, attention_dim=4, pool="max", pool_size=2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_impl.clam import CLAMSingleBranch
-from torch_impl.model import ModelConfig, StreamingCLAM, build_model
-from torch_impl.resnet import freeze_batchnorm, resnet34, trunk
+from torch_impl.models.clam import CLAMSingleBranch
+from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM, build_model
+from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,7 +74,7 @@ def test_build_model_from_config():
 def test_load_model_with_overrides(tmp_path):
     import dataclasses
 
-    from torch_impl.checkpoint import load_model, save_checkpoint
+    from torch_impl.pipeline.checkpoint import load_model, save_checkpoint
 
     config = ModelConfig(width=4, tile_size=512, hidden_dim=16, attention_dim=8)
     model = build_model(config)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_impl.resnet import (
+from torch_impl.models.resnet import (
     BasicBlock,
     Bottleneck,
     FrozenBatchNorm2d,
@@ -307,7 +307,7 @@ def test_freeze_batchnorm_rejects_what_it_cannot_freeze():
 
 
 def test_resnet34_trunk(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="torch_impl.resnet"):
+    with caplog.at_level(logging.WARNING, logger="torch_impl.models.resnet"):
         t = resnet34_trunk(width=4)
     assert "random" in caplog.text
     assert isinstance(t, nn.Sequential)
@@ -318,7 +318,7 @@ def test_resnet34_trunk(tmp_path, caplog):
     path = tmp_path / "r34.pth"
     torch.save({"state_dict": src.state_dict()}, path)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="torch_impl.resnet"):
+    with caplog.at_level(logging.WARNING, logger="torch_impl.models.resnet"):
         t = resnet34_trunk(path, width=4, freeze_bn_affine=True)
     assert caplog.text == ""
     _assert_same_state(trunk(src), t)
@@ -327,3 +327,50 @@ def test_resnet34_trunk(tmp_path, caplog):
     with torch.no_grad():
         torch.testing.assert_close(t(x), trunk(src.eval())(x), rtol=0, atol=0)
     assert t(x).shape == (1, 32, 2, 3)
+
+
+def _random_bn(block: nn.Module) -> None:
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+
+
+@pytest.mark.parametrize("block_type", [BasicBlock, Bottleneck])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_registered_residual_layout_computes_what_forward_computes(block_type, stride):
+    """The layout the engine reads (geometry, reference converter) is the block's forward."""
+    from torch_impl.streaming import residual_layout
+
+    torch.manual_seed(stride)
+    planes = 4
+    out = planes * block_type.expansion
+    down = nn.Sequential(nn.Conv2d(3, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    block = block_type(3, planes, stride=stride, downsample=down).double().eval()
+    _random_bn(block)
+    x = torch.randn(2, 3, 11, 8, dtype=torch.float64)
+
+    main, shortcut, after = residual_layout(block).modules(block)
+    y = nn.Sequential(*[m for _, m in main])(x) + shortcut(x)
+    y = nn.Sequential(*[m for _, m in after])(y)
+    assert (block(x) - y).abs().max().item() == 0.0
+
+
+def test_bottleneck_converts_to_the_reference_and_agrees():
+    """Bottleneck reaches the reference through its registered layout (written once)."""
+    import numpy as np
+
+    from torch_impl.streaming import to_reference
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(3, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    block = Bottleneck(3, 4, stride=2, downsample=down).double().eval()
+    _random_bn(block)
+    ref, names = to_reference(block)
+    assert set(names.values()) == {n for n, _ in block.named_parameters()}
+    x = np.random.default_rng(0).standard_normal((1, 3, 13, 10))
+    expected = block(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ref.forward(x) - expected).max() <= 1e-12 * np.abs(expected).max()

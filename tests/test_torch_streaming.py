@@ -14,7 +14,7 @@ from torch import nn
 
 from reference.geometry import compose, parallel
 from reference.tiling import min_tile_size
-from torch_impl.geometry import UnsupportedModuleError, module_geometry, register_geometry
+from torch_impl.streaming.geometry import UnsupportedModuleError, module_geometry, register_geometry
 from torch_impl.streaming import StreamingTrunk, to_model_input
 
 
@@ -252,7 +252,7 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_suggest_tile_sizes_fit_the_budget_and_the_image():
-    from torch_impl.resnet import resnet34_trunk
+    from torch_impl.models.resnet import resnet34_trunk
     from torch_impl.streaming import suggest_tile_sizes
 
     trunk = resnet34_trunk(width=8)

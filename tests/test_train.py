@@ -25,15 +25,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torch_impl.augment import AugmentedView, AugmentParams, draw_augmentation, hsv_to_rgb, jitter_hsv, rgb_to_hsv
-from torch_impl.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from torch_impl.config import TrainConfig, config_from_dict, load_config, validate_config
-from torch_impl.data import ArrayImage, make_demo_data
-from torch_impl.data.synthetic import write_pyramid_tiff
-from torch_impl.distributed import shard
-from torch_impl.metrics import accuracy, roc_auc, roc_auc_pairs
-from torch_impl.model import ModelConfig, StreamingCLAM
-from torch_impl.train import (
+from torch_impl.slides.augment import AugmentedView, AugmentParams, draw_augmentation, hsv_to_rgb, jitter_hsv, rgb_to_hsv
+from torch_impl.pipeline.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from torch_impl.pipeline.config import TrainConfig, config_from_dict, load_config, validate_config
+from torch_impl.slides import ArrayImage, make_demo_data
+from torch_impl.slides.synthetic import write_pyramid_tiff
+from torch_impl.pipeline.distributed import shard
+from torch_impl.pipeline.metrics import accuracy, roc_auc, roc_auc_pairs
+from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM
+from torch_impl.pipeline.train import (
     BadSlideError,
     NonFiniteLossError,
     TrainingError,
@@ -236,7 +236,7 @@ def test_cli_overrides_config_file(tmp_path):
 
 
 def test_demo_config_is_valid():
-    from torch_impl.demo import demo_config
+    from torch_impl.pipeline.demo import demo_config
 
     config = validate_config(demo_config("data", "out"))
     assert config.head_only_epochs < config.epochs  # both phases of the recipe
@@ -256,7 +256,7 @@ def test_cli_reports_invalid_configuration(caplog):
 
 # ============================================================================ orders
 def test_epoch_order_is_balanced_and_deterministic():
-    from torch_impl.data import SlideRecord
+    from torch_impl.slides import SlideRecord
 
     records = [SlideRecord(f"normal_{i}", Path(f"n{i}"), 0, "train") for i in range(7)]
     records += [SlideRecord(f"tumor_{i}", Path(f"t{i}"), 1, "train") for i in range(3)]
@@ -277,8 +277,8 @@ def test_shard_gives_every_rank_the_same_count_and_covers_the_order(n, world):
 
 
 def test_phases_freeze_the_trunk_and_set_the_backward_tile():
-    from torch_impl.model import build_model
-    from torch_impl.train import _set_phase, learning_rate_factor
+    from torch_impl.models.streaming_clam import build_model
+    from torch_impl.pipeline.train import _set_phase, learning_rate_factor
 
     config = TrainConfig(epochs=4, head_only_epochs=2, phase2_tile_size=640, lr_schedule="cosine",
                          model=ModelConfig(width=2, tile_size=1024, backward_tile_size=800))
@@ -327,7 +327,7 @@ def test_corrupt_checkpoint_error_names_the_file(tmp_path):
 
 
 def test_calibrate_batchnorm_standardises_every_batchnorm_input():
-    from torch_impl.resnet import freeze_batchnorm, resnet34, trunk
+    from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 
     torch.manual_seed(0)
     body = freeze_batchnorm(trunk(resnet34(width=2)))

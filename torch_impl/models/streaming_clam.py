@@ -17,7 +17,7 @@ from torch import nn
 
 from .clam import CLAMHead, CLAMMultiBranch, CLAMOutput, CLAMSingleBranch
 from .resnet import resnet34_trunk
-from .streaming import StreamingTrunk
+from ..streaming import StreamingTrunk
 
 __all__ = ["ModelConfig", "StreamingCLAM", "build_model"]
 
@@ -48,7 +48,7 @@ class StreamingCLAM(nn.Module):
     """Trunk (streamed) + CLAM head.
 
     Args:
-        trunk: a streamable trunk, e.g. ``torch_impl.resnet.resnet34_trunk()`` (batch norm
+        trunk: a streamable trunk, e.g. ``torch_impl.models.resnet.resnet34_trunk()`` (batch norm
             frozen). It is wrapped, not copied: parameter names become ``trunk.module.*``.
         head: a CLAM head whose ``in_dim`` equals the trunk's output channels.
         tile_size, backward_tile_size, mean, std, channels_last: see

@@ -1,6 +1,6 @@
 """Train StreamingCLAM end to end on whole slides: the paper's two-phase recipe, exact resume, DDP.
 
-Per epoch (``TrainConfig`` in :mod:`torch_impl.config`):
+Per epoch (``TrainConfig`` in :mod:`torch_impl.pipeline.config`):
 
     phase 1 (epoch < head_only_epochs): trunk frozen, only the CLAM head learns
     phase 2: the whole network; trunk learning rate lr * trunk_lr_factor, optional smaller
@@ -52,10 +52,10 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .augment import AugmentedView, draw_augmentation
+from ..slides.augment import AugmentedView, draw_augmentation
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config, save_config, validate_config
-from .data import NoTissueError, SlideError, SlideRecord, discover, make_splits
+from ..slides import NoTissueError, SlideError, SlideRecord, discover, make_splits
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -66,10 +66,10 @@ from .distributed import (
     reduce_gradients,
     shard,
 )
-from .inputs import SlideInput, open_slide_input
+from ..slides.inputs import SlideInput, open_slide_input
 from .metrics import accuracy, roc_auc
-from .model import StreamingCLAM, build_model
-from .streaming import to_model_input
+from ..models.streaming_clam import StreamingCLAM, build_model
+from ..streaming import to_model_input
 
 __all__ = [
     "TrainingError",

@@ -39,7 +39,7 @@ def plot_roc(
 
     Args:
         fpr, tpr: (n,) false- and true-positive rates of the curve's points, in threshold
-            order from (0, 0) to (1, 1) (see :func:`torch_impl.evaluate.roc_curve`).
+            order from (0, 0) to (1, 1) (see :func:`torch_impl.pipeline.evaluate.roc_curve`).
         auc: area under the curve.
         path: PNG file to write, or None.
         ci: (low, high) confidence interval of the AUC, shown in the legend if given.

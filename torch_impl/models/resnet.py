@@ -33,6 +33,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ..streaming import ResidualLayout, register_residual_block
+
 __all__ = [
     "conv3x3",
     "conv1x1",
@@ -174,6 +176,18 @@ class Bottleneck(nn.Module):
         out = self.relu(out)
         return out
 
+
+# The same structure as the two forwards above, for the streaming engine's halo geometry and
+# its converter to the NumPy reference (tests/test_resnet.py checks that they agree).
+register_residual_block(
+    BasicBlock, ResidualLayout(main=("conv1", "bn1", "relu", "conv2", "bn2"), shortcut="downsample", after=("relu",))
+)
+register_residual_block(
+    Bottleneck,
+    ResidualLayout(
+        main=("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"), shortcut="downsample", after=("relu",)
+    ),
+)
 
 Block = Union[type[BasicBlock], type[Bottleneck]]
 

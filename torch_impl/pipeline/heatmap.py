@@ -52,11 +52,11 @@ import tifffile
 import torch
 
 from .checkpoint import load_model
-from .data import Slide, rasterize_polygons, read_lesions
+from ..slides import Slide, rasterize_polygons, read_lesions
 from .evaluate import SlidePrediction, predict_slide, read_train_config, resolve_device, save_attention
-from .inputs import open_slide_input
+from ..slides.inputs import open_slide_input
 from .metrics import roc_auc
-from .model import StreamingCLAM
+from ..models.streaming_clam import StreamingCLAM
 from .plots import overlay_attention
 
 __all__ = [

@@ -21,7 +21,7 @@ Why gradients are averaged by hand (one ``all_reduce``) rather than by
   is one custom autograd function that returns *all* trunk gradients at its very end, after
   recomputing every tile, so there is nothing to overlap with for the trunk (nearly all the
   parameters); the head's gradients are tiny.
-* Per-slide gradients come from ``torch.autograd.grad`` (see :mod:`torch_impl.train`), which
+* Per-slide gradients come from ``torch.autograd.grad`` (see :mod:`torch_impl.pipeline.train`), which
   does not fire DDP's gradient hooks at all.
 
 Equivalence: N processes each accumulating k slides, then averaging, take exactly the step

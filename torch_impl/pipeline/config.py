@@ -6,7 +6,7 @@
 A run folder holds the fully resolved configuration as ``config.json`` (written by
 :func:`save_config`), so ``--resume`` and the evaluation read back exactly what was used.
 JSON files may give any subset of the fields; ``"model"`` is a nested object of
-:class:`~torch_impl.model.ModelConfig` fields. Unknown keys and wrongly typed values raise
+:class:`~torch_impl.models.streaming_clam.ModelConfig` fields. Unknown keys and wrongly typed values raise
 ``ValueError`` naming the key.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.camelyon import DEFAULT_EXCLUDE
-from .model import ModelConfig
+from ..slides.camelyon import DEFAULT_EXCLUDE
+from ..models.streaming_clam import ModelConfig
 
 __all__ = ["TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
 
@@ -33,7 +33,7 @@ CONFIG_FILE = "config.json"
 class TrainConfig:
     """Everything a training run needs (defaults: the StreamingCLAM recipe at 0.5 um/px)."""
 
-    data_dir: str = ""  # CAMELYON16 root (layout in torch_impl.data.camelyon); required
+    data_dir: str = ""  # CAMELYON16 root (layout in torch_impl.slides.camelyon); required
     out_dir: str = ""  # run folder: config.json, splits.csv, metrics.csv, last.pt, best.pt; required
     model: ModelConfig = field(default_factory=ModelConfig)  # the network (width, head, tile sizes, ...)
 
@@ -60,7 +60,7 @@ class TrainConfig:
     phase2_tile_size: int | None = None  # phase 2: recompute + backward tile side; None = the model's
     calibrate_bn: bool = True  # random trunk (model.weights None): frozen batch-norm statistics from training crops
 
-    # --- augmentation (training slides only; lazy, see torch_impl.augment) ---
+    # --- augmentation (training slides only; lazy, see torch_impl.slides.augment) ---
     flip: bool = True  # random vertical and horizontal flips
     rot90: bool = True  # random rotation by a multiple of 90 degrees
     hue_shift: float = 0.02  # hue shifted by U(-a, a) turns (1 turn = 360 degrees); 0 = off

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .data import discover, make_demo_data
-from .model import ModelConfig
+from ..slides import discover, make_demo_data
+from ..models.streaming_clam import ModelConfig
 
 __all__ = ["demo_config", "run_demo", "main_demo"]
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .model import ModelConfig, StreamingCLAM, build_model
+from ..models.streaming_clam import ModelConfig, StreamingCLAM, build_model
 
 __all__ = [
     "CheckpointError",
@@ -124,7 +124,7 @@ class _DropMessage(logging.Filter):
 @contextlib.contextmanager
 def quiet_random_init() -> Iterator[None]:
     """Hide the trunk's "no weights given" warning: the weights come from the checkpoint."""
-    resnet_logger = logging.getLogger("torch_impl.resnet")
+    resnet_logger = logging.getLogger("torch_impl.models.resnet")
     f = _DropMessage("no weights given")
     resnet_logger.addFilter(f)
     try:

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .data import SlideError, SlideRecord, discover, read_splits
-from .inputs import SlideInput, open_slide_input
+from ..slides import SlideError, SlideRecord, discover, read_splits
+from ..slides.inputs import SlideInput, open_slide_input
 from .metrics import binary_labels_and_scores, roc_auc
-from .model import StreamingCLAM
+from ..models.streaming_clam import StreamingCLAM
 from .plots import plot_roc
 
 __all__ = [
@@ -367,7 +367,7 @@ def _predict_record(
 def save_attention(prediction: SlidePrediction, folder: str | os.PathLike, **extra: Any) -> Path:
     """Write ``<slide_id>.npy`` (the (h', w') attention) and ``<slide_id>.json`` (its placement).
 
-    The JSON holds everything ``torch_impl.heatmap.write_heatmap`` needs to draw the map
+    The JSON holds everything ``torch_impl.pipeline.heatmap.write_heatmap`` needs to draw the map
     without the model: slide_id, prob_tumor, box, feature_hw, cell_size, mpp, plus ``extra``.
     Returns the .npy path.
     """
@@ -405,8 +405,8 @@ def evaluate_run(
     """Evaluate a checkpoint on every slide of a split; write the results to ``out_dir``.
 
     Args:
-        checkpoint: a training checkpoint (``torch_impl.checkpoint.load_model`` reads it).
-        data_dir: CAMELYON16 root (``torch_impl.data.discover``'s layout).
+        checkpoint: a training checkpoint (``torch_impl.pipeline.checkpoint.load_model`` reads it).
+        data_dir: CAMELYON16 root (``torch_impl.slides.discover``'s layout).
         out_dir: created if needed. Receives ``predictions.csv`` (slide_id, label,
             prob_tumor, prediction), ``metrics.json``, ``roc.png`` (when both classes are
             present) and ``attention/<slide_id>.npy`` + ``.json`` (see :func:`save_attention`).

@@ -13,7 +13,7 @@ from torch import nn
 
 from reference import layers as L
 
-from .resnet import BasicBlock
+from .blocks import residual_layout
 
 __all__ = ["to_reference"]
 
@@ -49,21 +49,23 @@ def to_reference(module: nn.Module) -> tuple[L.Layer, dict[str, str]]:
     """The reference layer computing ``module`` and the reference -> torch parameter names.
 
     Supports Conv2d (zero padding), eval-mode BatchNorm2d, ReLU, Identity, MaxPool2d,
-    AvgPool2d (count_include_pad, no ceil_mode), nn.Sequential and
-    :class:`torch_impl.resnet.BasicBlock`.
+    AvgPool2d (count_include_pad, no ceil_mode), nn.Sequential and residual blocks registered
+    with :func:`torch_impl.streaming.blocks.register_residual_block`.
     """
     if isinstance(module, nn.Sequential):
         return _children(list(module.named_children()))
-    if isinstance(module, BasicBlock):
-        main, main_names = _children(
-            [("conv1", module.conv1), ("bn1", module.bn1), ("relu", module.relu), ("conv2", module.conv2), ("bn2", module.bn2)]
-        )
+    layout = residual_layout(module)
+    if layout is not None:  # after(main(x) + shortcut(x))
+        main_modules, shortcut_module, after_modules = layout.modules(module)
+        main, main_names = _children(main_modules)
         names = {f"0.main.{r}": t for r, t in main_names.items()}
         shortcut = None
-        if module.downsample is not None:
-            shortcut, short_names = to_reference(module.downsample)
-            names.update({f"0.shortcut.{r}": f"downsample.{t}" for r, t in short_names.items()})
-        return L.Sequential([L.Residual(main, shortcut), L.ReLU()]), names
+        if shortcut_module is not None:
+            shortcut, short_names = to_reference(shortcut_module)
+            names.update({f"0.shortcut.{r}": f"{layout.shortcut}.{t}" for r, t in short_names.items()})
+        after, after_names = _children(after_modules)
+        names.update({f"1.{r}": t for r, t in after_names.items()})
+        return L.Sequential([L.Residual(main, shortcut), after]), names
     if isinstance(module, nn.Conv2d):
         conv = _conv(module)
         return conv, {name: name for name in conv.parameters()}

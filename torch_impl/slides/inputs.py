@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import RegionView, Slide, crop_box, mask_at_resolution, tissue_bbox, tissue_mask
+from .slide import RegionView, Slide
+from .tissue import crop_box, mask_at_resolution, tissue_bbox, tissue_mask
 
 __all__ = ["SlideInput", "open_slide_input"]
 

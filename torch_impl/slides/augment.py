@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import ImageSource, mask_at_resolution
+from .slide import ImageSource
+from .tissue import mask_at_resolution
 
 __all__ = ["AugmentParams", "AugmentedView", "draw_augmentation", "rgb_to_hsv", "hsv_to_rgb", "jitter_hsv"]
 
@@ -148,7 +149,7 @@ class AugmentedView:
 
     Args:
         source: any lazy (3, H, W) uint8 source with ``.read(y, x, h, w)`` (e.g. the
-            ``RegionView`` of a :class:`~torch_impl.inputs.SlideInput`). Never read whole.
+            ``RegionView`` of a :class:`~torch_impl.slides.inputs.SlideInput`). Never read whole.
         params: the transform (module docstring); or give ``flip_v``, ``flip_h``,
             ``rot90_k``, ``hsv_shift`` as keywords.
 
@@ -223,14 +224,14 @@ class AugmentedView:
         """(1, h', w') bool tissue mask on the feature grid of the *augmented* image.
 
         Feature position (i, j) covers augmented pixels [i S, (i+1) S) x [j S, (j+1) S)
-        (the convention of :meth:`torch_impl.inputs.SlideInput.feature_mask`, S = ``stride``).
+        (the convention of :meth:`torch_impl.slides.inputs.SlideInput.feature_mask`, S = ``stride``).
         The grid's cells map one to one onto a grid of S x S cells in the original frame,
         anchored at ``source_region`` of the augmented grid's extent; we resample the
         thumbnail tissue mask onto that grid and move the cells with the same flips and
         rotations. Without augmentation this equals ``slide_input.feature_mask``.
 
         Args:
-            slide_input: the :class:`~torch_impl.inputs.SlideInput` whose ``source`` this
+            slide_input: the :class:`~torch_impl.slides.inputs.SlideInput` whose ``source`` this
                 view wraps (its crop ``box``, thumbnail mask and scale are used).
             feature_hw: (h', w') of the trunk's output for this view.
             stride: the trunk's total stride S (32 for ResNet).

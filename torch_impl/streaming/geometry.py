@@ -7,7 +7,9 @@ to the identity, ``nn.Sequential`` to a chain, and residual blocks to a
 not local (train-mode batch norm, dropout, attention, global pooling, ...) raise
 :class:`UnsupportedModuleError` naming the module and what to do instead.
 
-Custom blocks can be taught with :func:`register_geometry`.
+Residual blocks registered with :func:`torch_impl.streaming.blocks.register_residual_block`
+are read from their layout; any other custom local block can be taught with
+:func:`register_geometry`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from reference.geometry import AxisGeometry, LayerSpec, compose, parallel
 
-from . import resnet
+from .blocks import residual_layout
 
 __all__ = ["UnsupportedModuleError", "module_geometry", "register_geometry", "check_streamable"]
 
@@ -74,7 +76,7 @@ def _batchnorm_geometry(m: nn.BatchNorm2d) -> AxisPair:
     if m.training and m.track_running_stats is not False:
         raise UnsupportedModuleError(
             f"{m} is in training mode: batch statistics would need the whole image. "
-            "Put it in eval mode (torch_impl.resnet.freeze_batchnorm) before streaming"
+            "Put it in eval mode (torch_impl.models.resnet.freeze_batchnorm) before streaming"
         )
     if not m.track_running_stats or m.running_mean is None:
         raise UnsupportedModuleError(f"{m}: batch norm without running statistics cannot be streamed")
@@ -86,11 +88,12 @@ def _chain(children) -> AxisPair:
     return compose([p[0] for p in pairs]), compose([p[1] for p in pairs])
 
 
-def _residual(main: list[nn.Module], shortcut: nn.Module | None, after: list[nn.Module]) -> AxisPair:
-    """main(x) + shortcut(x), then the modules in ``after`` (e.g. the final ReLU)."""
-    main_h, main_w = _chain(main)
+def _residual(block: nn.Module) -> AxisPair:
+    """after(main(x) + shortcut(x)) of a registered residual block."""
+    main, shortcut, after = residual_layout(block).modules(block)
+    main_h, main_w = _chain(m for _, m in main)
     short_h, short_w = module_geometry(shortcut) if shortcut is not None else (compose([]), compose([]))
-    after_h, after_w = _chain(after)
+    after_h, after_w = _chain(m for _, m in after)
     return (
         compose([parallel([main_h, short_h]), after_h]),
         compose([parallel([main_w, short_w]), after_w]),
@@ -109,24 +112,13 @@ def register_geometry(cls: type, geometry: Callable[[nn.Module], AxisPair]) -> N
     _REGISTRY[cls] = geometry
 
 
-def _register_resnet_blocks() -> None:
-    register_geometry(
-        resnet.BasicBlock,
-        lambda b: _residual([b.conv1, b.bn1, b.relu, b.conv2, b.bn2], b.downsample, [b.relu]),
-    )
-    register_geometry(
-        resnet.Bottleneck,
-        lambda b: _residual(
-            [b.conv1, b.bn1, b.relu, b.conv2, b.bn2, b.relu, b.conv3, b.bn3], b.downsample, [b.relu]
-        ),
-    )
-
-
 def module_geometry(module: nn.Module) -> AxisPair:
     """(rows, cols) geometry of a streamable module; raises UnsupportedModuleError otherwise."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls](module)
+    if residual_layout(module) is not None:
+        return _residual(module)
     if isinstance(module, nn.Sequential):
         return _chain(module.children())
     if isinstance(module, nn.Conv2d):
@@ -145,12 +137,11 @@ def module_geometry(module: nn.Module) -> AxisPair:
     raise UnsupportedModuleError(
         f"{type(module).__name__} cannot be streamed: only local modules are supported "
         "(Conv2d, MaxPool2d, AvgPool2d, eval-mode BatchNorm2d, pointwise activations, Identity, "
-        "nn.Sequential and the residual blocks of torch_impl.resnet); "
-        "register a custom local block with torch_impl.geometry.register_geometry"
+        "nn.Sequential and registered residual blocks); register a residual block with "
+        "torch_impl.streaming.register_residual_block or any local block with "
+        "torch_impl.streaming.register_geometry"
     )
 
-
-_register_resnet_blocks()
 
 
 def check_streamable(module: nn.Module) -> None:
@@ -159,5 +150,5 @@ def check_streamable(module: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise UnsupportedModuleError(
                 f"batch norm {name!r} is in training mode: batch statistics would need the whole "
-                "image. Call torch_impl.resnet.freeze_batchnorm(trunk) or trunk.eval()"
+                "image. Call torch_impl.models.resnet.freeze_batchnorm(trunk) or trunk.eval()"
             )

@@ -1,0 +1,47 @@
+"""The slides: lazy whole-slide reading, tissue detection, CAMELYON16 layout, synthetic data, augmentation.
+
+Imports neither the models nor the pipeline: a slide becomes what a model eats (a lazy
+(3, h, w) uint8 source and a tissue mask on the feature grid) without knowing the model.
+
+    slide.py       Slide (OpenSlide, mpp-based level choice), ArrayImage, RegionView, SlideError
+    tissue.py      tissue mask (Otsu on saturation), bounding box, crops, masks at other resolutions
+    camelyon.py    CAMELYON16 folder layout, labels, splits, ASAP XML annotations
+    synthetic.py   a synthetic mini-CAMELYON16 (pyramidal JPEG TIFFs with lesions and XML)
+    augment.py     flips, quarter turns and HSV jitter as a lazy view
+    inputs.py      slide file -> lazy tissue crop + tissue mask on the feature grid
+"""
+
+from .camelyon import (
+    SlideRecord,
+    discover,
+    make_splits,
+    rasterize_polygons,
+    read_asap_xml,
+    read_lesions,
+    read_splits,
+)
+from .slide import ArrayImage, ImageSource, RegionView, Slide, SlideError
+from .synthetic import make_demo_data, main_make_demo_data
+from .tissue import NoTissueError, crop_box, mask_at_resolution, tissue_bbox, tissue_mask
+
+__all__ = [
+    "ArrayImage",
+    "ImageSource",
+    "NoTissueError",
+    "RegionView",
+    "Slide",
+    "SlideError",
+    "SlideRecord",
+    "crop_box",
+    "discover",
+    "main_make_demo_data",
+    "make_demo_data",
+    "make_splits",
+    "mask_at_resolution",
+    "rasterize_polygons",
+    "read_asap_xml",
+    "read_lesions",
+    "read_splits",
+    "tissue_bbox",
+    "tissue_mask",
+]
