@@ -6,31 +6,49 @@
     heatmap                 attention heatmaps of slides (torch_impl.pipeline.heatmap)
     demo                    all of the above on synthetic data, in minutes on a CPU
 
-Global options go before the command: ``--verbose`` (debug logging), ``--quiet`` (warnings
-only). Each command has its own ``--help``. Commands are imported only when run, so
-``--help`` is quick and one command's dependencies never break another.
+Output options, the same before the command and among its options (``streamingclam -q
+train ...`` = ``streamingclam train ... -q``):
+
+    -q, --quiet     warnings and errors only, no progress bars (a result printed on stdout,
+                    such as the demo's summary, still prints)
+    -v, --verbose   debug logging too (e.g. one line per training slide)
+
+This module sets up logging once (:func:`torch_impl.pipeline.logs.setup_logging`) and takes
+these options out of the command's arguments; the commands only log. Each command has its
+own ``--help``. Commands are imported only when run, so ``--help`` is quick and one
+command's dependencies never break another.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .logs import NORMAL, QUIET, VERBOSE, setup_logging, split_verbosity, verbosity_options
+
 __all__ = ["main"]
+
+#: How the program was called ("streamingclam" or "python -m torch_impl"): the commands'
+#: usage lines start with it. Set by :func:`main`.
+_prog = "python -m torch_impl"
+
+
+def _command_prog(command: str) -> str:
+    return f"{_prog} {command}"
 
 
 def _make_demo_data(argv: Sequence[str]) -> int:
-    from ..slides import main_make_demo_data
+    from .demo import main_make_demo_data
 
-    return main_make_demo_data(argv)
+    return main_make_demo_data(argv, prog=_command_prog("make-demo-data"))
 
 
 def _train(argv: Sequence[str]) -> int:
     from .train import main_train
 
-    return main_train(argv)
+    return main_train(argv, prog=_command_prog("train"))
 
 
 def _evaluate(argv: Sequence[str]) -> int:
@@ -48,7 +66,7 @@ def _heatmap(argv: Sequence[str]) -> int:
 def _demo(argv: Sequence[str]) -> int:
     from .demo import main_demo
 
-    return main_demo(argv)
+    return main_demo(argv, prog=_command_prog("demo"))
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
@@ -60,27 +78,41 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch to a command; returns its exit status (the ``streamingclam`` console script)."""
+def _program_name() -> str:
+    """``streamingclam`` for the console script; ``python -m torch_impl`` for the module."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m torch_impl" if name in ("", "-c", "__main__.py", "-m") else name
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Dispatch to a command; returns its exit status (the ``streamingclam`` console script).
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+        prog: the program name in usage lines (default: how it was called, see
+            :func:`_program_name`).
+    """
+    global _prog
+    _prog = prog or _program_name()
     parser = argparse.ArgumentParser(
-        prog="python -m torch_impl",
+        prog=_prog,
         description="StreamingCLAM: exact tile-by-tile training of ResNet-34 + CLAM on whole-slide images.",
         epilog="commands:\n" + "\n".join(f"  {name:<16}{text}" for name, (_, text) in COMMANDS.items())
-        + "\n\n'python -m torch_impl COMMAND --help' describes a command's options.",
+        + f"\n\n'{_prog} COMMAND --help' describes a command's options. -q and -v mean the same before the "
+        "command and among its options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[verbosity_options()],
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
-    level = parser.add_mutually_exclusive_group()
-    level.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    level.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    given_after, rest = split_verbosity(args.args, prog=_command_prog(args.command))
+    level = VERBOSE if args.verbose else QUIET if args.quiet else NORMAL
+    if level != NORMAL and given_after != NORMAL and level != given_after:
+        parser.error("-q and -v exclude each other")
+    setup_logging(level if level != NORMAL else given_after)
     run, _ = COMMANDS[args.command]
-    return int(run(args.args) or 0)
+    return int(run(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Training configuration: one typed dataclass, loaded from JSON, overridden by the CLI, validated.
 
-    TrainConfig  (this module)          what to train on, how long, how, where to write
-      model: ModelConfig (model.py)     what the network is made of
+    TrainConfig  (this module)                  what to train on, how long, how, where to write
+      model: ModelConfig (models/streaming_clam.py)  what the network is made of
+
+Each field is documented once, by its trailing comment: the command line's options are
+generated from these dataclasses and the comments become their help
+(:mod:`torch_impl.pipeline.options`); ``# --- title ---`` lines group the options.
 
 A run folder holds the fully resolved configuration as ``config.json`` (written by
 :func:`save_config`), so ``--resume`` and the evaluation read back exactly what was used.
@@ -24,7 +28,7 @@ from typing import Any
 from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..models.streaming_clam import ModelConfig
 
-__all__ = ["TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
+__all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
 
 CONFIG_FILE = "config.json"
 
@@ -156,10 +160,14 @@ def save_config(config: TrainConfig, folder: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------- values
-_CHOICES = {
+#: The values a field may take, by path ("model.NAME" for ModelConfig fields): checked by
+#: validate_config, offered as the command line's choices.
+CHOICES: dict[str, tuple[str | None, ...]] = {
     "sampler": ("balanced", "shuffle"),
     "lr_schedule": ("constant", "cosine"),
     "amp": ("auto", "bf16", "off"),
+    "model.head": ("sb", "mb"),
+    "model.pool": ("max", "avg", None),
 }
 
 
@@ -195,9 +203,11 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     need(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0 slides, got {config.checkpoint_every}")
     need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
          f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
-    for name, choices in _CHOICES.items():
-        value = getattr(config, name)
-        need(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+    for path, choices in CHOICES.items():
+        value = config
+        for name in path.split("."):
+            value = getattr(value, name)
+        need(value in choices, f"{path} must be one of {list(choices)}, got {value!r}")
     m = config.model
     need(m.width >= 1, f"model.width must be >= 1, got {m.width}")
     need(m.tile_size >= 32, f"model.tile_size must be >= 32 pixels, got {m.tile_size}")

@@ -21,7 +21,7 @@ from .camelyon import (
     read_splits,
 )
 from .slide import ArrayImage, ImageSource, RegionView, Slide, SlideError
-from .synthetic import make_demo_data, main_make_demo_data
+from .synthetic import make_demo_data
 from .tissue import NoTissueError, crop_box, mask_at_resolution, tissue_bbox, tissue_mask
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "SlideRecord",
     "crop_box",
     "discover",
-    "main_make_demo_data",
     "make_demo_data",
     "make_splits",
     "mask_at_resolution",
