@@ -1,6 +1,6 @@
 """Command line: ``python -m torch_impl COMMAND ...`` (also installed as ``streamingclam``).
 
-    make-demo-data DIR      write a small synthetic CAMELYON16 (torch_impl.slides.synthetic)
+    make-demo-data DIR      write a small synthetic CAMELYON16 (torch_impl.pipeline.demo)
     train                   train StreamingCLAM (torch_impl.pipeline.train); torchrun for several GPUs
     evaluate                whole-slide test evaluation of a checkpoint (torch_impl.pipeline.evaluate)
     heatmap                 attention heatmaps of slides (torch_impl.pipeline.heatmap)

@@ -203,11 +203,11 @@ def main_demo(argv: Sequence[str] | None = None, prog: str | None = None) -> int
         description="Synthetic data -> StreamingCLAM training -> test evaluation -> attention heatmaps, "
                     "in a few minutes on a CPU; prints a summary at the end.",
         parents=[verbosity_options()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", default="demo_run", help="output folder")
-    parser.add_argument("--data", default=None, help="data set folder (none: OUT/data, synthesised if empty)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", default="demo_run", metavar="DIR", help="output folder (default: demo_run)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="data set folder (default: OUT/data, where the synthetic slides are written if missing)")
+    parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: auto)")
     args = parser.parse_args(argv)
     quiet = args.quiet or verbosity() == QUIET
     summary = run_demo(args.out, args.data, device=args.device, progress=not quiet)
@@ -222,17 +222,18 @@ def main_make_demo_data(argv: Sequence[str] | None = None, prog: str | None = No
         description="Write a small synthetic CAMELYON16 (pyramidal TIFFs, ASAP XML, "
                     "reference CSV) for demos and tests.",
         parents=[verbosity_options()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("root", type=Path, help="output directory (CAMELYON16 layout)")
-    parser.add_argument("--n-normal", type=int, default=6, help="training normal slides")
-    parser.add_argument("--n-tumor", type=int, default=6, help="training tumour slides")
-    parser.add_argument("--n-test-normal", type=int, default=4, help="test normal slides")
-    parser.add_argument("--n-test-tumor", type=int, default=4, help="test tumour slides")
+    parser.add_argument("--n-normal", type=int, default=6, metavar="N", help="training normal slides (default: 6)")
+    parser.add_argument("--n-tumor", type=int, default=6, metavar="N", help="training tumour slides (default: 6)")
+    parser.add_argument("--n-test-normal", type=int, default=4, metavar="N", help="test normal slides (default: 4)")
+    parser.add_argument("--n-test-tumor", type=int, default=4, metavar="N", help="test tumour slides (default: 4)")
     parser.add_argument("--size", type=int, nargs="+", default=[2048, 2048], metavar="PX",
-                        help="level-0 size: H [W] in pixels (multiples of 256)")
-    parser.add_argument("--mpp", type=float, default=0.25, help="level-0 micrometres per pixel")
-    parser.add_argument("--seed", type=int, default=0, help="seeds every slide and the test labels")
+                        help="level-0 size: H [W] in pixels, multiples of 256 (default: 2048 2048)")
+    parser.add_argument("--mpp", type=float, default=0.25, metavar="X",
+                        help="level-0 micrometres per pixel (default: 0.25)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seeds every slide and the test labels (default: 0)")
     args = parser.parse_args(argv)
     if len(args.size) not in (1, 2):
         parser.error("--size takes H or H W")
