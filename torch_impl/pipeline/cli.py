@@ -3,6 +3,7 @@
     make-demo-data DIR      write a small synthetic CAMELYON16 (torch_impl.slides.synthetic)
     train                   train StreamingCLAM (torch_impl.pipeline.train); torchrun for several GPUs
     evaluate                whole-slide test evaluation of a checkpoint (torch_impl.pipeline.evaluate)
+    predict                 predictions for unlabelled slides, CAMELYON16 CSV (torch_impl.pipeline.predict)
     heatmap                 attention heatmaps of slides (torch_impl.pipeline.heatmap)
     demo                    all of the above on synthetic data, in minutes on a CPU
 
@@ -39,6 +40,12 @@ def _evaluate(argv: Sequence[str]) -> int:
     return main_evaluate(argv)
 
 
+def _predict(argv: Sequence[str]) -> int:
+    from .predict import main_predict
+
+    return main_predict(argv)
+
+
 def _heatmap(argv: Sequence[str]) -> int:
     from .heatmap import main_heatmap
 
@@ -55,6 +62,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "make-demo-data": (_make_demo_data, "write a small synthetic CAMELYON16 data set"),
     "train": (_train, "train StreamingCLAM (torchrun --nproc_per_node N -m torch_impl train ... for DDP)"),
     "evaluate": (_evaluate, "evaluate a checkpoint on whole test slides (AUC, ROC, attention)"),
+    "predict": (_predict, "predict unlabelled slides: CAMELYON16 submission CSV, optional heatmaps"),
     "heatmap": (_heatmap, "draw attention heatmaps of slides"),
     "demo": (_demo, "synthetic data -> training -> evaluation -> heatmaps, in minutes on a CPU"),
 }
