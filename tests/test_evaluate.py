@@ -365,12 +365,21 @@ def test_write_heatmap_with_model_lesion_cells_match_ground_truth(data_root, mod
     assert (frac - want).max() <= 0.1 and (frac - want).min() >= -0.01
 
 
-def test_main_heatmap_cli(run, data_root, tmp_path):
+def test_main_heatmap_cli(run, data_root, checkpoint, tmp_path):
     out, _ = run
     slide = data_root / "testing" / "images" / "test_003.tif"
     assert main_heatmap(["--slide", str(slide), "--out", str(tmp_path),
                          "--attention", str(out / "attention" / "test_003.npy")]) == 0
     assert (tmp_path / "test_003_heatmap.png").is_file() and (tmp_path / "test_003_attention.tif").is_file()
+    assert json.loads((tmp_path / "test_003_attention.geojson").read_text())["type"] == "FeatureCollection"
+    # with the checkpoint: runs the model (mpp from the checkpoint), saves the attention evaluate saved
+    assert main_heatmap(["--slide", str(slide), "--out", str(tmp_path / "model"), "--checkpoint", str(checkpoint),
+                         "--device", "cpu", "--amp", "off"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "model" / "attention" / "test_003.npy"),
+                                  np.load(out / "attention" / "test_003.npy"))
+    with tifffile.TiffFile(tmp_path / "model" / "test_003_attention.tif") as a, \
+            tifffile.TiffFile(tmp_path / "test_003_attention.tif") as b:
+        np.testing.assert_array_equal(a.series[0].levels[0].asarray(), b.series[0].levels[0].asarray())
     with pytest.raises(SystemExit):
         main_heatmap(["--slide", str(slide), "--out", str(tmp_path)])  # neither model nor map
     with pytest.raises(ValueError, match="test_001"):  # another slide's map

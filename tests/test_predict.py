@@ -25,7 +25,6 @@ import numpy as np
 import openslide
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.path import Path as MplPath
