@@ -240,7 +240,7 @@ def _console_level() -> int:
 def test_quiet_and_verbose_mean_the_same_before_and_after_the_command(monkeypatch, flag, verbosity, level):
     seen = []
 
-    def command(argv):
+    def command(argv, prog):
         seen.append((list(argv), logs.verbosity(), _console_level()))
         return 0
 
@@ -355,14 +355,21 @@ def test_run_demo_writes_train_log_and_returns_the_summary(monkeypatch, tmp_path
         return {}
 
     def fake_evaluate(checkpoint, data_dir, out_dir, **kw):
+        (Path(out_dir) / "attention").mkdir(parents=True)
+        for slide_id in test_ids:  # the saved predictions the heatmaps are drawn from
+            (Path(out_dir) / "attention" / f"{slide_id}.npy").touch()
         return {"auc": 1.0, "auc_ci95": [1.0, 1.0], "accuracy": 1.0, "n_slides": 2, "n_tumor": 1}
 
-    def fake_heatmap(checkpoint, slide, out_dir, annotation=None, **kw):
-        result = {"slide_id": Path(slide).stem, "png": str(Path(out_dir) / f"{Path(slide).stem}_heatmap.png")}
+    def fake_load_prediction(path):
+        return Path(path).stem  # stands in for the SlidePrediction of that slide
+
+    def fake_heatmap(prediction, out_dir, annotation=None, **kw):
+        result = {"slide_id": prediction, "png": str(Path(out_dir) / f"{prediction}_heatmap.png")}
         return {**result, "attention_auc": 0.9} if annotation is not None else result
 
     monkeypatch.setattr("torch_impl.pipeline.train.train", fake_train)
     monkeypatch.setattr("torch_impl.pipeline.evaluate.evaluate_run", fake_evaluate)
+    monkeypatch.setattr("torch_impl.pipeline.predict.load_prediction", fake_load_prediction)
     monkeypatch.setattr("torch_impl.pipeline.heatmap.write_heatmap", fake_heatmap)
     summary = run_demo(tmp_path / "out", data, device="cpu", progress=False)
     log = (tmp_path / "out" / "train" / "train.log").read_text()

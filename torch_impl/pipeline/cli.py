@@ -3,6 +3,7 @@
     make-demo-data DIR      write a small synthetic CAMELYON16 (torch_impl.pipeline.demo)
     train                   train StreamingCLAM (torch_impl.pipeline.train); torchrun for several GPUs
     evaluate                whole-slide test evaluation of a checkpoint (torch_impl.pipeline.evaluate)
+    predict                 predictions for unlabelled slides, CAMELYON16 CSV (torch_impl.pipeline.predict)
     heatmap                 attention heatmaps of slides (torch_impl.pipeline.heatmap)
     demo                    all of the above on synthetic data, in minutes on a CPU
 
@@ -30,49 +31,48 @@ from .logs import NORMAL, QUIET, VERBOSE, setup_logging, split_verbosity, verbos
 
 __all__ = ["main"]
 
-#: How the program was called ("streamingclam" or "python -m torch_impl"): the commands'
-#: usage lines start with it. Set by :func:`main`.
-_prog = "python -m torch_impl"
-
-
-def _command_prog(command: str) -> str:
-    return f"{_prog} {command}"
-
-
-def _make_demo_data(argv: Sequence[str]) -> int:
+def _make_demo_data(argv: Sequence[str], prog: str) -> int:
     from .demo import main_make_demo_data
 
-    return main_make_demo_data(argv, prog=_command_prog("make-demo-data"))
+    return main_make_demo_data(argv, prog=prog)
 
 
-def _train(argv: Sequence[str]) -> int:
+def _train(argv: Sequence[str], prog: str) -> int:
     from .train import main_train
 
-    return main_train(argv, prog=_command_prog("train"))
+    return main_train(argv, prog=prog)
 
 
-def _evaluate(argv: Sequence[str]) -> int:
+def _evaluate(argv: Sequence[str], prog: str) -> int:
     from .evaluate import main_evaluate
 
-    return main_evaluate(argv)
+    return main_evaluate(argv, prog=prog)
 
 
-def _heatmap(argv: Sequence[str]) -> int:
+def _predict(argv: Sequence[str], prog: str) -> int:
+    from .predict import main_predict
+
+    return main_predict(argv, prog=prog)
+
+
+def _heatmap(argv: Sequence[str], prog: str) -> int:
     from .heatmap import main_heatmap
 
-    return main_heatmap(argv)
+    return main_heatmap(argv, prog=prog)
 
 
-def _demo(argv: Sequence[str]) -> int:
+def _demo(argv: Sequence[str], prog: str) -> int:
     from .demo import main_demo
 
-    return main_demo(argv, prog=_command_prog("demo"))
+    return main_demo(argv, prog=prog)
 
 
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+#: command -> (runner(argv, prog), one-line description); prog is the command's usage name.
+COMMANDS: dict[str, tuple[Callable[[Sequence[str], str], int], str]] = {
     "make-demo-data": (_make_demo_data, "write a small synthetic CAMELYON16 data set"),
     "train": (_train, "train StreamingCLAM (torchrun --nproc_per_node N -m torch_impl train ... for DDP)"),
     "evaluate": (_evaluate, "evaluate a checkpoint on whole test slides (AUC, ROC, attention)"),
+    "predict": (_predict, "predict unlabelled slides: CAMELYON16 submission CSV, optional heatmaps"),
     "heatmap": (_heatmap, "draw attention heatmaps of slides"),
     "demo": (_demo, "synthetic data -> training -> evaluation -> heatmaps, in minutes on a CPU"),
 }
@@ -92,13 +92,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         prog: the program name in usage lines (default: how it was called, see
             :func:`_program_name`).
     """
-    global _prog
-    _prog = prog or _program_name()
+    prog = prog or _program_name()
     parser = argparse.ArgumentParser(
-        prog=_prog,
+        prog=prog,
         description="StreamingCLAM: exact tile-by-tile training of ResNet-34 + CLAM on whole-slide images.",
         epilog="commands:\n" + "\n".join(f"  {name:<16}{text}" for name, (_, text) in COMMANDS.items())
-        + f"\n\n'{_prog} COMMAND --help' describes a command's options. -q and -v mean the same before the "
+        + f"\n\n'{prog} COMMAND --help' describes a command's options. -q and -v mean the same before the "
         "command and among its options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[verbosity_options()],
@@ -106,13 +105,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    given_after, rest = split_verbosity(args.args, prog=_command_prog(args.command))
+    command_prog = f"{prog} {args.command}"
+    given_after, rest = split_verbosity(args.args, prog=command_prog)
     level = VERBOSE if args.verbose else QUIET if args.quiet else NORMAL
     if level != NORMAL and given_after != NORMAL and level != given_after:
         parser.error("-q and -v exclude each other")
     setup_logging(level if level != NORMAL else given_after)
     run, _ = COMMANDS[args.command]
-    return int(run(rest) or 0)
+    return int(run(rest, command_prog) or 0)
 
 
 if __name__ == "__main__":

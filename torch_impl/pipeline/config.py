@@ -27,6 +27,7 @@ from typing import Any
 
 from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..models.streaming_clam import ModelConfig
+from .runtime import atomic_write
 
 __all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
 
@@ -150,12 +151,9 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
 
 def save_config(config: TrainConfig, folder: str | os.PathLike) -> Path:
     """Write ``config.json`` (the full resolved configuration) into ``folder`` atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CONFIG_FILE
-    tmp = folder / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    path = Path(folder) / CONFIG_FILE
+    with atomic_write(path) as f:
+        f.write(json.dumps(config.to_dict(), indent=2) + "\n")
     return path
 
 

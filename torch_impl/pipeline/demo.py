@@ -97,6 +97,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLik
     """
     from .evaluate import evaluate_run  # the evaluation and heatmap steps are separate modules
     from .heatmap import write_heatmap
+    from .predict import load_prediction
     from .train import train
 
     start = time.perf_counter()
@@ -119,16 +120,15 @@ def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLik
         trained = time.perf_counter()
         checkpoint = out / "train" / "best.pt"
 
-        run_on = None if device == "auto" else device  # evaluate/heatmap: None = first GPU, else CPU
-        metrics = evaluate_run(checkpoint, data, out / "eval", mpp=config.mpp, device=run_on)
+        metrics = evaluate_run(checkpoint, data, out / "eval", mpp=config.mpp, device=device)
         evaluated = time.perf_counter()
 
         heatmaps = []
         for record in [r for r in discover(data) if r.split == "test"]:
-            saved = out / "eval" / "attention" / f"{record.slide_id}.npy"  # drawn without re-running the model
-            heatmaps.append(write_heatmap(checkpoint, record.path, out / "heatmaps",
-                                          annotation=record.annotation_path, mpp=config.mpp, device=run_on,
-                                          attention=saved if saved.is_file() else None))
+            saved = out / "eval" / "attention" / f"{record.slide_id}.npy"
+            if saved.is_file():  # evaluate saved every slide it did not skip: drawn without re-running the model
+                heatmaps.append(write_heatmap(load_prediction(saved), out / "heatmaps",
+                                              annotation=record.annotation_path))
         done = time.perf_counter()
     finally:
         torch.set_num_threads(threads)

@@ -66,12 +66,15 @@ from .distributed import (
     reduce_gradients,
     shard,
 )
-from ..slides.inputs import SlideInput, open_slide_input
+from ..slides.inputs import SlideInput
 from .logs import QUIET, run_log, verbosity, verbosity_options
 from .metrics import accuracy, roc_auc
 from ..models.streaming_clam import StreamingCLAM, build_model
 from .options import add_dataclass_options, apply_options, field_paths, given_options
 from ..streaming import to_model_input
+from .predict import feature_mask, open_slide, predict_slides
+from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype
+from .runtime import autocast as _autocast
 
 __all__ = [
     "TrainingError",
@@ -96,12 +99,11 @@ _RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_
 _ORDER_STREAM, _SLIDE_STREAM = 1, 2
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (the message says why and what to do)."""
-
-
-class BadSlideError(TrainingError):
-    """A slide is missing, unreadable or holds no tissue (skippable with ``skip_bad_slides``)."""
+#: Training cannot go on (the message says why and what to do): the pipeline's base error
+#: under its training name. :class:`~torch_impl.pipeline.runtime.BadSlideError`, the one
+#: error of an unusable slide everywhere (skippable with ``skip_bad_slides``), is one, so
+#: ``except TrainingError`` also catches it.
+TrainingError = PipelineError
 
 
 class NonFiniteLossError(TrainingError):
@@ -175,23 +177,17 @@ def learning_rate_factor(config: TrainConfig, epoch: int) -> float:
 
 # ----------------------------------------------------------------------------- one slide
 def _open(record: SlideRecord, config: TrainConfig, rng: np.random.Generator | None) -> SlideInput:
-    try:
-        return open_slide_input(record.path, mpp=config.mpp, max_size=config.max_size, rng=rng)
-    except (FileNotFoundError, SlideError, NoTissueError) as e:
-        raise BadSlideError(f"slide {record.slide_id} ({record.path}): {e}") from e
+    """The slide's crop (random with ``rng``, else the whole tissue); BadSlideError if unusable."""
+    return open_slide(record.path, config.mpp, record.slide_id, max_size=config.max_size, rng=rng)
 
 
 def _feature_mask(model: StreamingCLAM, view: AugmentedView, slide: SlideInput, record: SlideRecord) -> torch.Tensor:
-    """(1, h', w') tissue mask on the trunk's output grid for the (augmented) view."""
-    feature_hw = model.trunk.plan(view.shape[1:]).output_size
-    mask = view.feature_mask(slide, feature_hw, model.trunk.geometry[0].stride)
+    """(1, h', w') tissue mask on the trunk's output grid for the (augmented) view
+    (:func:`torch_impl.pipeline.predict.feature_mask`, the grid inference uses)."""
+    mask = feature_mask(model, slide, view)
     if not mask.any():
         raise BadSlideError(f"slide {record.slide_id} ({record.path}): no tissue on the feature grid of its crop")
     return mask
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
 
 def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record: SlideRecord, config: TrainConfig,
@@ -329,42 +325,28 @@ def validate(model: StreamingCLAM, records: Sequence[SlideRecord], config: Train
              amp_dtype: torch.dtype | None, info: DistInfo | None = None, progress: bool = False) -> dict[str, Any]:
     """Loss (bag cross-entropy), AUC and accuracy on whole slides (no crop, no augmentation).
 
-    Processes share the slides (rank r: r, r + N, ...) and gather the results. Returns
-    {"val_loss", "val_auc", "val_accuracy", "val_slides", "val_skipped"} (NaN when undefined).
+    Each slide goes through :func:`torch_impl.pipeline.predict.predict_slides`, the inference
+    of evaluation and prediction (``amp_dtype``: bfloat16 autocast, or None for float32);
+    the loss is the cross-entropy of the prediction's logits. Processes share the slides
+    (rank r: r, r + N, ...) and gather the results. Unusable slides raise BadSlideError, or
+    are skipped with ``config.skip_bad_slides``. Returns {"val_loss", "val_auc",
+    "val_accuracy", "val_slides", "val_skipped"} (NaN when undefined).
     """
+    if amp_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {amp_dtype}")
     info = info if info is not None else DistInfo()
-    was_training = model.training
-    model.eval()
-    rows: list[tuple[str, int, float, float]] = []
-    skipped = 0
     local = list(records)[info.rank :: info.world_size]
-    try:
-        with torch.no_grad():
-            for record in tqdm(local, desc="validation", leave=False, disable=not progress):
-                try:
-                    slide = _open(record, config, None)
-                    try:
-                        view = AugmentedView(slide.source)
-                        mask = _feature_mask(model, view, slide, record).to(device)
-                        label = torch.tensor([record.label], device=device)
-                        with _autocast(device, amp_dtype):
-                            output = model(slide.source, mask)
-                        loss = float(model.loss(output, label))
-                        prob = float(output.probs[0, 1])
-                    except (SlideError, OSError) as e:
-                        raise BadSlideError(f"slide {record.slide_id} ({record.path}): {e}") from e
-                    finally:
-                        slide.close()
-                except BadSlideError as e:
-                    if not config.skip_bad_slides:
-                        raise
-                    logger.warning("skipping validation slide: %s", e)
-                    skipped += 1
-                    continue
-                rows.append((record.slide_id, record.label, prob, loss))
-    finally:
-        model.train(was_training)
-    parts = gather_objects((rows, skipped), info)  # [(rows, skipped)] per process
+    labels_by_id = {r.slide_id: r.label for r in local}
+    predictions, skipped_slides = predict_slides(
+        model, [(r.slide_id, r.path) for r in local], config.mpp, device, "off" if amp_dtype is None else "bf16",
+        config.skip_bad_slides, progress=progress)
+    rows: list[tuple[str, int, float, float]] = []
+    for pred in predictions:
+        label = labels_by_id[pred.slide_id]
+        logits = torch.from_numpy(pred.logits)[None]  # (1, n_classes)
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor([label])))
+        rows.append((pred.slide_id, label, pred.prob_tumor, loss))
+    parts = gather_objects((rows, len(skipped_slides)), info)  # [(rows, skipped)] per process
     gathered = [row for part in parts for row in part[0]]
     skipped = sum(part[1] for part in parts)
     labels = [r[1] for r in gathered]
@@ -406,12 +388,10 @@ def _checkpoint(path: Path, run: "_Run", config: TrainConfig) -> None:
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     """metrics.csv from the history (rewritten whole and atomically: always matches last.pt)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 class _TensorBoard:
@@ -452,9 +432,7 @@ def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    return autocast_dtype(config.amp, device)
 
 
 def _set_phase(model: StreamingCLAM, config: TrainConfig, epoch: int) -> int:
