@@ -10,7 +10,8 @@
 * Relative links in the markdown files point at files that exist; no file of the repository
   cites a file outside it.
 * Every "ours" value of docs/defaults.md is the current default of TrainConfig / ModelConfig,
-  and every training-relevant field has a row.
+  and every training-relevant field has a row; the README's recipe paragraph states the
+  current defaults.
 """
 
 from __future__ import annotations
@@ -220,3 +221,20 @@ def test_defaults_table_covers_every_recipe_field():
     for cls, klass in CLASSES.items():
         missing = [f.name for f in dataclasses.fields(klass) if f.name not in NOT_RECIPE[cls] and (cls, f.name) not in table]
         assert not missing, f"docs/defaults.md has no row for {cls} field(s) {missing}"
+
+
+def test_readme_recipe_states_the_current_defaults():
+    train, model = TrainConfig(), ModelConfig()
+    recipe = " ".join(README[README.index("The defaults follow the"):].split()[:200])  # the paragraph, one line
+    stated = {
+        "lr": float(re.search(r"Adam at ([\d.e-]+)", recipe)[1]),
+        "weight_decay": float(re.search(r"weight decay ([\d.e-]+)", recipe)[1]),
+        "epochs": int(re.search(r"(\d+) epochs of which", recipe)[1]),
+        "head_only_epochs": int(re.search(r"the first (\d+) train the head only", recipe)[1]),
+        "trunk_lr_factor": float(re.search(r"trunk_lr_factor`, by default ([\d.]+)", recipe)[1]),
+        "mpp": float(re.search(r"([\d.]+) µm/px", recipe)[1]),
+        "max_size": int(re.search(r"at most (\d+) px per side", recipe)[1]),
+    }
+    for name, value in stated.items():
+        assert value == getattr(train, name), f"README says {name} {value}, the default is {getattr(train, name)}"
+    assert f"{model.pool_size}x{model.pool_size} {model.pool} pool" in recipe and model.head == "sb"
