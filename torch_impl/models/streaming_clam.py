@@ -28,7 +28,7 @@ class ModelConfig:
 
     width: int = 64  # ResNet-34 base width (64 = the real network; smaller for CPU demos)
     weights: str | None = None  # local torchvision resnet34 weight file; None = random init
-    freeze_bn_affine: bool = False  # also freeze batch-norm weight/bias (statistics are always frozen)
+    freeze_bn_affine: bool = True  # also freeze batch-norm weight/bias (statistics are always frozen)
     head: str = "sb"  # "sb" (single branch, the paper's) or "mb" (multi branch)
     n_classes: int = 2  # slide classes (2: normal, tumour)
     hidden_dim: int = 512  # width of the head's first layer (fc 512 -> 512)

@@ -57,7 +57,7 @@ class TrainConfig:
     epochs: int = 50  # total epochs, both phases
     head_only_epochs: int = 15  # phase 1: these first epochs train the head only (>= epochs: trunk never trained)
     lr: float = 2e-4  # Adam learning rate of the head
-    trunk_lr_factor: float = 1.0  # phase 2: the trunk's learning rate is lr * trunk_lr_factor
+    trunk_lr_factor: float = 0.1  # phase 2: the trunk's learning rate is lr * trunk_lr_factor
     lr_schedule: str = "constant"  # "constant", or "cosine" (per epoch, from lr to 0 over all epochs)
     weight_decay: float = 1e-5  # Adam's L2 penalty
     accumulate: int = 1  # slides per optimizer step (batch size 1, gradients averaged); per process

@@ -54,7 +54,8 @@ def demo_config(data_dir: str | os.PathLike, out_dir: str | os.PathLike, device:
     return TrainConfig(
         data_dir=str(data_dir),
         out_dir=str(out_dir),
-        model=ModelConfig(width=16, hidden_dim=64, attention_dim=32, pool=None, tile_size=1024),
+        # a random trunk whose batch-norm affines learn (the real recipe freezes them on ImageNet weights)
+        model=ModelConfig(width=16, hidden_dim=64, attention_dim=32, pool=None, tile_size=1024, freeze_bn_affine=False),
         mpp=DEMO_MPP,
         epochs=20,
         head_only_epochs=14,

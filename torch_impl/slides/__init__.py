@@ -9,6 +9,7 @@ Imports neither the models nor the pipeline: a slide becomes what a model eats (
     synthetic.py   a synthetic mini-CAMELYON16 (pyramidal JPEG TIFFs with lesions and XML)
     augment.py     flips, quarter turns and HSV jitter as a lazy view
     inputs.py      slide file -> lazy tissue crop + tissue mask on the feature grid
+    samples.py     the shipped CC0 H&E sample slide (tests and tutorials)
 """
 
 from .camelyon import (
