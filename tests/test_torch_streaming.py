@@ -16,6 +16,7 @@ from reference.geometry import compose, parallel
 from reference.tiling import min_tile_size
 from torch_impl.streaming.geometry import UnsupportedModuleError, module_geometry, register_geometry
 from torch_impl.streaming import StreamingTrunk, to_model_input
+from tests.helpers import ArrayRegions, randomize_batchnorm, relative_error
 
 
 class SumBlock(nn.Module):
@@ -36,12 +37,6 @@ def _sum_block_geometry(block: SumBlock):
 
 
 register_geometry(SumBlock, _sum_block_geometry)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| over the whole tensor."""
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 # ---------------------------------------------------------------- random trunks
@@ -69,13 +64,7 @@ def trunks(draw, in_channels: int = 2):
             pool = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
             layers.append(pool(k, stride=draw(st.integers(1, 3)), padding=draw(st.integers(0, k // 2))))
         elif kind == "bn":
-            bn = nn.BatchNorm2d(c)
-            with torch.no_grad():
-                bn.running_mean.normal_()
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.normal_()
-                bn.bias.normal_()
-            layers.append(bn)
+            layers.append(randomize_batchnorm(nn.BatchNorm2d(c), seed=draw(st.integers(0, 2**16))))
         elif kind == "act":
             layers.append(draw(st.sampled_from([nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU]))())
         else:
@@ -159,18 +148,6 @@ def test_frozen_parameters_get_no_gradient_and_no_grad_mode_streams():
     assert not y.requires_grad and relative_error(y, trunk(x)) <= 1e-12
 
 
-class MemmapRegions:
-    """A lazy source with .shape and .read over a (C, H, W) uint8 memory map."""
-
-    def __init__(self, array):
-        self.array, self.shape = array, array.shape
-        self.reads: list[tuple[int, int, int, int]] = []
-
-    def read(self, y, x, h, w):
-        self.reads.append((y, x, h, w))
-        return self.array[:, y:y + h, x:x + w]
-
-
 def test_lazy_source_gives_the_same_output_and_gradients(tmp_path):
     rng = np.random.default_rng(3)
     pixels = np.lib.format.open_memmap(tmp_path / "image.npy", mode="w+", dtype=np.uint8, shape=(3, 57, 70))
@@ -178,7 +155,7 @@ def test_lazy_source_gives_the_same_output_and_gradients(tmp_path):
     pixels.flush()
     trunk = nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1)).double().eval()
     streamed = StreamingTrunk(trunk, 24)
-    source = MemmapRegions(np.load(tmp_path / "image.npy", mmap_mode="r"))
+    source = ArrayRegions(np.load(tmp_path / "image.npy", mmap_mode="r"))
 
     x = to_model_input(torch.from_numpy(np.array(pixels))[None], dtype=torch.float64)
     y_plain = trunk(x)
