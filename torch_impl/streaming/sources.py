@@ -127,8 +127,8 @@ class TensorSource:
         self.spatial = tuple(x.shape[-2:])
 
     def read(self, tile: Tile) -> torch.Tensor:
-        """(N, C, h, w) copy of the tile's input region (a module may write into it)."""
-        return self.x[(..., *tile.input_slices)].clone()
+        """(N, C, h, w) view of the tile's input region (the engine copies it before a module sees it)."""
+        return self.x[(..., *tile.input_slices)]
 
 
 def _describe(source: Any) -> str:
@@ -193,12 +193,12 @@ class LazySource:
         return tensor
 
     def _checked(self, pixels: Any, region: tuple[int, int, int, int]) -> np.ndarray:
-        """A C-contiguous copy of one read's ``pixels``; LazySourceError if they break the contract."""
+        """One read's ``pixels``, C-contiguous; LazySourceError if they break the contract."""
         where = f"{self.name}, region (y, x, h, w) = {region}"
         want = (self.channels, *region[2:])
         if pixels is None:
             raise LazySourceError(f"{where}: returned None instead of an array (C, h, w) = {want}")
-        array = np.array(pixels, order="C")  # the engine's own copy: a module may write into it
+        array = np.ascontiguousarray(pixels)  # may still be the source's memory: the engine copies before use
         if array.shape != want:
             hint = ""
             if array.shape == (*want[1:], want[0]):

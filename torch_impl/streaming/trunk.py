@@ -96,12 +96,17 @@ class StreamingTrunk(nn.Module):
         return None
 
     def _prepare(self, pixels: torch.Tensor, lazy: bool, device: torch.device) -> torch.Tensor:
+        """The network input of one tile on ``device``, never sharing memory with ``pixels``."""
         x = pixels.to(device, non_blocking=True)
         if lazy:
             # into the trunk's dtype (autocast casts later)
             x = to_model_input(x, self.mean, self.std, dtype=self._dtype() or torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if x.untyped_storage().data_ptr() == pixels.untyped_storage().data_ptr():
+            # nothing above copied: a module writing into its input (ReLU(inplace=True)) would
+            # change the caller's data and the overlapping next tile
+            x = x.clone()
         return x
 
     def _tiles(self, source: TensorSource | LazySource, plan: TilePlan, device: torch.device
