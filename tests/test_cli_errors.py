@@ -62,6 +62,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     data = checkpoint.read_bytes()
     (root / "truncated.pt").write_bytes(data[: len(data) // 2])
     (root / "empty").mkdir()
+    (root / "a_file").write_text("a file where a folder should be\n")
     images = root / "data" / "testing" / "images"
     save_prediction(predict_file(model, images / "test_001.tif", MPP), root / "attention")
     return {"root": root, "data": root / "data", "checkpoint": checkpoint, "images": images,
@@ -86,6 +87,8 @@ ROWS = [
      lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "truncated.pt"}), "truncated.pt"),
     ("evaluate: --mpp 0", lambda f: _evaluate(f, **{"--mpp": 0}), "--mpp"),
     ("evaluate: --mpp -1", lambda f: _evaluate(f, **{"--mpp": -1}), "--mpp"),
+    ("evaluate: --out is a file (an OSError)",
+     lambda f: _evaluate(f, **{"--out": f["root"] / "a_file"}), "a_file"),
     ("evaluate: --split val without a splits CSV",
      lambda f: _evaluate(f, **{"--split": "val", "--splits": f["root"] / "no_splits.csv"}), "no_splits.csv"),
     ("predict: --mpp -1",

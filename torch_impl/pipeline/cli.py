@@ -19,12 +19,13 @@ train ...`` = ``streamingclam train ... -q``):
 Exit status (:data:`EXIT_STATUS`):
 
     0   done
+    1   an unexpected error, i.e. a bug: Python's traceback, whatever the options
     2   an expected error: a usage error (unknown option, bad or out-of-range value), or
         an input that the command cannot use (a missing or unreadable data folder,
         checkpoint, slide, annotation or configuration file; wrong labels; no tissue).
-        stderr gets ``PROG COMMAND: error: MESSAGE``, naming the file or option (a usage
-        error also points at ``--help``); -v or --debug adds the traceback.
-    1   an unexpected error, i.e. a bug: Python's traceback, whatever the options
+        stderr gets ``PROG COMMAND: error: MESSAGE``, naming the file or option; a usage
+        error adds a line pointing at ``--help``, and -v or --debug print the traceback
+        of an input error before it.
 
 Expected errors (:func:`is_expected_error`) are the pipeline's own
 (:class:`~torch_impl.pipeline.runtime.PipelineError`: unusable slides, failed training runs;
@@ -66,6 +67,7 @@ EXIT_STATUS = {
 }
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # torch_impl/
+
 
 def _make_demo_data(argv: Sequence[str], prog: str) -> int:
     from .demo import main_make_demo_data
