@@ -195,3 +195,11 @@ def test_a_real_process_exits_with_status_2_and_one_line(files):
     lines = done.stderr.splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{PROG} evaluate: error: {files['root'] / 'text.pt'}: "), lines
+
+
+def test_train_log_records_why_a_run_stopped(files, capsys):
+    out = files["root"] / "stopped_run"
+    status, err = _run(["-q", "train", "--data", str(files["root"] / "gone"), "--out", str(out)], capsys)
+    assert status == 2 and "Traceback" not in err
+    log = (out / "train.log").read_text()
+    assert f"training stopped: CAMELYON16 root not found: {files['root'] / 'gone'}" in log

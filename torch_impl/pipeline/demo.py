@@ -58,7 +58,7 @@ class DemoOptions(ComputeOptions):
     its fields are :func:`run_demo`'s arguments (``progress`` follows -q)."""
 
     out_dir: Path = option(Path("demo_run"), flag="--out", metavar="DIR")  # output: data/, train/, eval/, heatmaps/
-    data_dir: Path | None = option(None, flag="--data", metavar="DIR")  # data set; none = OUT/data, synthetic slides written there if missing
+    data_dir: Path | None = option(None, flag="--data", metavar="DIR")  # data set; none = OUT/data, made if missing
 
 
 @dataclass(frozen=True, kw_only=True)
