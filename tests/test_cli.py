@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -24,8 +25,32 @@ import pytest
 from torch_impl.models.streaming_clam import ModelConfig
 from torch_impl.pipeline import cli, logs
 from torch_impl.pipeline.config import CHOICES, TrainConfig, save_config
-from torch_impl.pipeline.demo import SUMMARY_FORMAT, format_summary, main_make_demo_data, run_demo
-from torch_impl.pipeline.options import add_dataclass_options, apply_options, field_docs, given_options
+from torch_impl.pipeline.demo import (
+    SUMMARY_FORMAT,
+    DemoOptions,
+    MakeDemoDataOptions,
+    format_summary,
+    main_make_demo_data,
+    run_demo,
+)
+from torch_impl.pipeline.evaluate import EvaluateOptions, evaluate_run
+from torch_impl.pipeline.heatmap import HeatmapOptions
+from torch_impl.pipeline.options import (
+    OptionParser,
+    add_dataclass_options,
+    apply_options,
+    build_options,
+    field_docs,
+    given_options,
+    option,
+)
+from torch_impl.pipeline.predict import (
+    BatchInferenceOptions,
+    ComputeOptions,
+    InferenceOptions,
+    PredictOptions,
+    predict_run,
+)
 from torch_impl.pipeline.train import _parser, config_from_args, main_train
 from torch_impl.slides import Slide, discover, make_demo_data
 
@@ -224,9 +249,24 @@ def test_cli_help_smoke():  # moved from test_train.py
     assert "--resume" in result.stdout and "--skip-bad-slides" in result.stdout
 
 
-def test_cli_reports_invalid_configuration(caplog):  # moved from test_train.py
-    assert main_train(["--epochs", "0"]) == 2
-    assert "epochs must be >= 1" in caplog.text and "data_dir is required" in caplog.text
+def test_cli_reports_invalid_configuration(capsys):  # moved from test_train.py
+    with pytest.raises(ValueError, match="epochs must be >= 1"):  # the command raises; the CLI reports
+        main_train(["--epochs", "0"])
+    assert cli.main(["train", "--epochs", "0"], prog="streamingclam") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("streamingclam train: error: invalid training configuration:")
+    assert "epochs must be >= 1" in err and "data_dir is required" in err and "Traceback" not in err
+
+
+def test_top_level_help_documents_exit_statuses_and_debug(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"], prog="streamingclam")
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "--debug" in text
+    shown = text.split("exit status:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in shown if line.strip()] == ["0", "1", "2"]
+    for code, meaning in cli.EXIT_STATUS.items():
+        assert f"  {code}  {meaning}" in text
 
 
 def _console_level() -> int:
@@ -393,3 +433,139 @@ def test_option_types_follow_the_annotations():
         else:
             kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
             assert action.type.kind in kinds, path
+
+
+# ============================================================================ options of the other commands
+@dataclass(frozen=True, kw_only=True)
+class Base:
+    """A base whose fields (and comments) a command's options inherit."""
+
+    where: str = option("here", metavar="PLACE")  # where to look
+    out: Path = option(flag="--to", metavar="DIR")  # output folder
+
+    def __post_init__(self) -> None:
+        if self.where == "nowhere":
+            raise ValueError("--where must be somewhere")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command(Base):
+    """A command's options: a positional list, a Path that may be None, choices on the field."""
+
+    inputs: list[Path] = option(positional=True, metavar="INPUT")  # files to read
+    extra: Path | None = None  # an optional file
+    mode: str = option("fast", choices=("fast", "slow"))  # how to go
+    out: Path = option(Path("o"), flag="--to", metavar="DIR")  # output folder, with a default here
+
+
+def test_option_parser_builds_the_dataclass(capsys):
+    parser = OptionParser(Command, prog="cmd")
+    assert parser.parse(["a.tif", "b"]) == Command(inputs=[Path("a.tif"), Path("b")])
+    got = parser.parse(["--to", "x", "a", "--extra", "e.xml", "--mode", "slow", "--where", "there"])
+    assert got == Command(inputs=[Path("a")], out=Path("x"), extra=Path("e.xml"), mode="slow", where="there")
+    assert type(got.out) is PosixPathType and parser.parse(["a", "--extra", "none"]).extra is None
+    help_text = " ".join(parser.format_help().split())
+    for shown in ("usage: cmd [-h] [--where PLACE] [--to DIR] [--extra PATH] [--mode {fast,slow}] INPUT [INPUT ...]",
+                  "INPUT files to read", "--where PLACE where to look (default: here)",  # the base's comment
+                  "--to DIR output folder, with a default here (default: o)", "(default: none)"):
+        assert shown in help_text, shown
+    for argv, message in ((["--mode", "slow"], "the following arguments are required: INPUT"),
+                          (["a", "--mode", "medium"], "invalid choice: 'medium'"),
+                          (["a", "--where", "nowhere"], "--where must be somewhere")):  # __post_init__'s check
+        with pytest.raises(SystemExit) as e:
+            parser.parse(argv)
+        lines = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(lines) == 2 and lines[0].startswith("cmd: error: ") and message in lines[0]
+        assert lines[1] == "('cmd --help' lists the options)"
+    base = OptionParser(Base, prog="base")
+    assert "--to DIR output folder (required)" in " ".join(base.format_help().split())
+    assert base.parse(["--to", "d"]) == Base(out=Path("d"))
+    with pytest.raises(SystemExit):
+        base.parse([])  # --to is required there
+    capsys.readouterr()
+    assert build_options(Command, {"inputs": ["a"], "mode": "slow"}) == Command(inputs=["a"], mode="slow")
+
+
+PosixPathType = type(Path("."))
+
+#: The options and defaults of the commands before their options were generated (README,
+#: tutorial 05, tests and users rely on them): (command, options, the minimal arguments, the
+#: old parser's values for them, as {options field: value}).
+OLD_COMMANDS = [
+    ("evaluate", "--data --checkpoint --out --mpp --device --split --splits --skip-bad-slides --amp --bootstrap "
+                 "--seed -q -v", ["--data", "D", "--checkpoint", "C.pt", "--out", "O"],
+     dict(data_dir=Path("D"), checkpoint=Path("C.pt"), out_dir=Path("O"), mpp=None, device="auto", split="test",
+          splits_csv=None, skip_bad_slides=False, amp="auto", n_bootstrap=2000, seed=0)),
+    ("predict", "--checkpoint --out --mpp --device --amp --heatmaps --skip-bad-slides",
+     ["s1.tif", "folder", "--checkpoint", "C.pt", "--out", "O"],
+     dict(slides=[Path("s1.tif"), Path("folder")], checkpoint=Path("C.pt"), out_dir=Path("O"), mpp=None,
+          device="auto", amp="auto", heatmaps=False, skip_bad_slides=False)),
+    ("heatmap", "--slide --checkpoint --out --annotation --mpp --device --attention --thumbnail-size "
+                "--tiff-downsample --amp", ["--slide", "S.tif", "--out", "O", "--attention", "A.npy"],
+     dict(slide=Path("S.tif"), checkpoint=None, out_dir=Path("O"), annotation=None, mpp=None, device="auto",
+          attention=Path("A.npy"), thumbnail_size=1024, tiff_downsample=None, amp="auto")),
+    ("demo", "--out --data --device -q -v", [], dict(out_dir=Path("demo_run"), data_dir=None, device="auto")),
+    ("make-demo-data", "--n-normal --n-tumor --n-test-normal --n-test-tumor --size --mpp --seed -q -v", ["R"],
+     dict(root=Path("R"), n_normal=6, n_tumor=6, n_test_normal=4, n_test_tumor=4, size=(2048, 2048), mpp=0.25,
+          seed=0)),
+]
+
+
+def _command_parser(monkeypatch, command: str) -> OptionParser:
+    """The parser a command builds (caught where the command parses its arguments)."""
+    built = []
+
+    def parse_args(self, args=None, namespace=None):
+        built.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(OptionParser, "parse_args", parse_args)
+    with pytest.raises(SystemExit):
+        cli.COMMANDS[command][0]([], f"python -m torch_impl {command}")
+    monkeypatch.undo()
+    return built[0]
+
+
+@pytest.mark.parametrize("command, options, argv, old", OLD_COMMANDS, ids=[c[0] for c in OLD_COMMANDS])
+def test_every_option_and_default_of_before_still_exists(monkeypatch, command, options, argv, old):
+    parser = _command_parser(monkeypatch, command)
+    known = parser._option_string_actions
+    assert [o for o in options.split() if o not in known] == []
+    assert dataclasses.asdict(parser.parse(argv)) == old
+    for action in parser._actions:  # every generated option has its field's comment as help
+        if action.dest in parser.option_paths:
+            assert re.sub(r" \((default: .*|required)\)$", "", action.help).strip(), action.dest
+
+
+@pytest.mark.parametrize("run, options", [(evaluate_run, EvaluateOptions), (predict_run, PredictOptions),
+                                          (run_demo, DemoOptions), (make_demo_data, MakeDemoDataOptions)])
+def test_run_functions_take_their_commands_options(run, options):
+    """The function behind a command has the options' fields as arguments, with the same defaults
+    (its docstring points at the options for their meaning; extra arguments have defaults)."""
+    params = inspect.signature(run).parameters
+    for f in dataclasses.fields(options):
+        assert f.name in params, f.name
+        default = params[f.name].default
+        if f.default is dataclasses.MISSING:
+            assert default is inspect.Parameter.empty or f.name == "slides", f.name
+        elif isinstance(f.default, Path):
+            assert Path(default) == f.default, f.name  # the function also takes a str
+        else:
+            assert default == f.default, f.name
+    assert all(p.default is not inspect.Parameter.empty for n, p in params.items()
+               if n not in {f.name for f in dataclasses.fields(options)})
+
+
+def test_shared_options_are_written_once():
+    """--device, --checkpoint, --out, --mpp, --amp, --skip-bad-slides: one field each, inherited."""
+    for cls in (EvaluateOptions, PredictOptions, HeatmapOptions):
+        assert issubclass(cls, InferenceOptions)
+    for cls in (EvaluateOptions, PredictOptions):
+        assert issubclass(cls, BatchInferenceOptions)
+    assert issubclass(DemoOptions, ComputeOptions) and issubclass(InferenceOptions, ComputeOptions)
+    shared = {f.name for f in dataclasses.fields(BatchInferenceOptions)}
+    declared = {cls: set(cls.__dict__.get("__annotations__", {})) & shared  # fields written in the class body
+                for cls in (EvaluateOptions, PredictOptions, HeatmapOptions, DemoOptions)}
+    # heatmap's --checkpoint is optional (it can draw a saved map); demo's --out has a default
+    assert declared == {EvaluateOptions: set(), PredictOptions: set(), HeatmapOptions: {"checkpoint"},
+                        DemoOptions: {"out_dir"}}

@@ -25,11 +25,12 @@ OpenMP stalls made slides up to ~100x slower in our measurements.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,53 @@ import torch
 
 from .config import TrainConfig
 from .logs import QUIET, run_log, verbosity, verbosity_options
+from .options import OptionParser, option
+from .predict import ComputeOptions
 from ..slides import discover, make_demo_data
 from ..models.streaming_clam import ModelConfig
 
-__all__ = ["SUMMARY_FORMAT", "demo_config", "format_summary", "run_demo", "main_demo", "main_make_demo_data"]
+__all__ = ["SUMMARY_FORMAT", "DemoOptions", "MakeDemoDataOptions", "demo_config", "format_summary", "run_demo",
+           "main_demo", "main_make_demo_data"]
 
 logger = logging.getLogger(__name__)
 
 #: Working resolution of the demo, micrometres per pixel (the synthetic slides are 0.25 um/px).
 DEMO_MPP = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions(ComputeOptions):
+    """The ``demo`` command (--device from :class:`~torch_impl.pipeline.predict.ComputeOptions`);
+    its fields are :func:`run_demo`'s arguments (``progress`` follows -q)."""
+
+    out_dir: Path = option(Path("demo_run"), flag="--out", metavar="DIR")  # output: data/, train/, eval/, heatmaps/
+    data_dir: Path | None = option(None, flag="--data", metavar="DIR")  # data set; none = OUT/data, made if missing
+
+
+@dataclass(frozen=True, kw_only=True)
+class MakeDemoDataOptions:
+    """The ``make-demo-data`` command: the arguments of :func:`torch_impl.slides.make_demo_data`
+    (``size`` may be one side H for H x H). Raises ValueError for counts < 0, sizes or mpp <= 0."""
+
+    root: Path = option(positional=True, metavar="DIR")  # output folder (CAMELYON16 layout)
+    n_normal: int = 6  # training normal slides
+    n_tumor: int = 6  # training tumour slides
+    n_test_normal: int = 4  # test normal slides
+    n_test_tumor: int = 4  # test tumour slides
+    size: tuple[int, ...] = option((2048, 2048), metavar="PX")  # level-0 size: H [W] in pixels, multiples of 256
+    mpp: float = 0.25  # level-0 micrometres per pixel
+    seed: int = 0  # seeds every slide and the test labels
+
+    def __post_init__(self) -> None:
+        counts = {"--n-normal": self.n_normal, "--n-tumor": self.n_tumor, "--n-test-normal": self.n_test_normal,
+                  "--n-test-tumor": self.n_test_tumor}
+        for flag, n in counts.items():
+            if n < 0:
+                raise ValueError(f"{flag} must be >= 0 slides, got {n}")
+        if len(self.size) not in (1, 2) or min(self.size) < 1:
+            raise ValueError(f"--size takes H or H W, positive pixels; got {' '.join(map(str, self.size))}")
+        if not self.mpp > 0:
+            raise ValueError(f"--mpp must be > 0 micrometres per pixel, got {self.mpp}")
 
 
 def demo_config(data_dir: str | os.PathLike, out_dir: str | os.PathLike, device: str = "auto",
@@ -81,13 +120,11 @@ def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLik
              device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns the summary that :func:`format_summary` prints.
 
-    Args:
-        out_dir: receives ``data/`` (unless ``data_dir`` is given), ``train/`` (the run
-            folder, with ``train.log``), ``eval/`` (predictions, metrics, ROC) and ``heatmaps/``.
-        data_dir: an existing CAMELYON16-style data set, or where to write the synthetic one
-            (default ``<out_dir>/data``; written only if it holds no slides yet).
-        device: "auto", "cpu", "cuda", ...
-        progress: tqdm progress bars (on a terminal).
+    The arguments are the fields of :class:`DemoOptions` (the ``demo`` command's options):
+    ``out_dir`` receives ``data/`` (unless ``data_dir`` is given), ``train/`` (the run
+    folder, with ``train.log``), ``eval/`` (predictions, metrics, ROC) and ``heatmaps/``;
+    the synthetic data set is written to ``data_dir`` only if it holds no slides yet.
+    ``progress``: tqdm progress bars (on a terminal).
 
     Returns:
         {"auc", "auc_ci95" ([low, high] or None), "accuracy", "n_test_slides", "n_tumor",
@@ -195,52 +232,34 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main_demo(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: ``python -m torch_impl demo [--out DIR] [--data DIR] [--device DEV] [-q | -v]``.
+    """CLI: ``python -m torch_impl demo [--out DIR] [--data DIR] [--device DEV] [-q | -v]`` (:class:`DemoOptions`).
 
-    Prints the summary (:func:`format_summary`) on stdout; returns 0.
+    Prints the summary (:func:`format_summary`) on stdout; returns 0. The pipeline's errors
+    propagate (:func:`torch_impl.pipeline.cli.main` reports the expected ones in one line).
     """
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
+        DemoOptions,
         prog=prog or "python -m torch_impl demo",
         description="Synthetic data -> StreamingCLAM training -> test evaluation -> attention heatmaps, "
                     "in a few minutes on a CPU; prints a summary at the end.",
         parents=[verbosity_options()],
     )
-    parser.add_argument("--out", default="demo_run", metavar="DIR", help="output folder (default: demo_run)")
-    parser.add_argument("--data", default=None, metavar="DIR",
-                        help="data set folder (default: OUT/data, where the synthetic slides are written if missing)")
-    parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: auto)")
     args = parser.parse_args(argv)
     quiet = args.quiet or verbosity() == QUIET
-    summary = run_demo(args.out, args.data, device=args.device, progress=not quiet)
+    summary = run_demo(**dataclasses.asdict(parser.options(args)), progress=not quiet)
     print(format_summary(summary), flush=True)
     return 0
 
 
 def main_make_demo_data(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: ``python -m torch_impl make-demo-data DIR [options]`` (:func:`make_demo_data`). Returns 0."""
-    parser = argparse.ArgumentParser(
+    """CLI: ``python -m torch_impl make-demo-data DIR [options]`` (:class:`MakeDemoDataOptions`). Returns 0."""
+    parser = OptionParser(
+        MakeDemoDataOptions,
         prog=prog or "python -m torch_impl make-demo-data",
         description="Write a small synthetic CAMELYON16 (pyramidal TIFFs, ASAP XML, "
                     "reference CSV) for demos and tests.",
         parents=[verbosity_options()],
     )
-    parser.add_argument("root", type=Path, help="output directory (CAMELYON16 layout)")
-    parser.add_argument("--n-normal", type=int, default=6, metavar="N", help="training normal slides (default: 6)")
-    parser.add_argument("--n-tumor", type=int, default=6, metavar="N", help="training tumour slides (default: 6)")
-    parser.add_argument("--n-test-normal", type=int, default=4, metavar="N", help="test normal slides (default: 4)")
-    parser.add_argument("--n-test-tumor", type=int, default=4, metavar="N", help="test tumour slides (default: 4)")
-    parser.add_argument("--size", type=int, nargs="+", default=[2048, 2048], metavar="PX",
-                        help="level-0 size: H [W] in pixels, multiples of 256 (default: 2048 2048)")
-    parser.add_argument("--mpp", type=float, default=0.25, metavar="X",
-                        help="level-0 micrometres per pixel (default: 0.25)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="seeds every slide and the test labels (default: 0)")
-    args = parser.parse_args(argv)
-    if len(args.size) not in (1, 2):
-        parser.error("--size takes H or H W")
-    make_demo_data(
-        args.root, n_normal=args.n_normal, n_tumor=args.n_tumor,
-        n_test_normal=args.n_test_normal, n_test_tumor=args.n_test_tumor,
-        size=(args.size[0], args.size[-1]), seed=args.seed, mpp=args.mpp,
-    )
+    opts = parser.parse(argv)
+    make_demo_data(**{**dataclasses.asdict(opts), "size": (opts.size[0], opts.size[-1])})
     return 0

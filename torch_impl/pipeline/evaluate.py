@@ -31,13 +31,13 @@ Conventions:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,15 @@ import torch
 
 from ..slides import SlideRecord, discover, read_splits
 from .checkpoint import load_model, read_train_config, trained_mpp
+from .logs import verbosity_options
 from .metrics import binary_labels_and_scores, bootstrap_auc_ci, roc_auc
+from .options import OptionParser, option
 from .plots import plot_roc
-from .predict import SlidePrediction, predict_slides, save_prediction
-from .runtime import AMP_CHOICES, BadSlideError, atomic_write, autocast_dtype, resolve_device
+from .predict import BatchInferenceOptions, SlidePrediction, predict_slides, save_prediction
+from .runtime import BadSlideError, atomic_write, autocast_dtype, resolve_device
 
 __all__ = [
+    "EvaluateOptions",
     "bootstrap_auc_ci",
     "classification_metrics",
     "evaluate_run",
@@ -66,6 +69,26 @@ logger = logging.getLogger(__name__)
 THRESHOLD = 0.5
 #: Splits the evaluation supports; "val" needs the run's splits CSV.
 SPLITS = ("test", "val")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions(BatchInferenceOptions):
+    """The ``evaluate`` command (--checkpoint, --out, --mpp, --device, --amp, --skip-bad-slides
+    from :class:`~torch_impl.pipeline.predict.BatchInferenceOptions`); its fields are
+    :func:`evaluate_run`'s arguments. Raises ValueError for fewer than 1 bootstrap resample."""
+
+    data_dir: Path = option(flag="--data", metavar="DIR")  # CAMELYON16 root (layout in torch_impl.slides.camelyon)
+    split: str = option("test", choices=SPLITS)  # "test": the test slides; "val": the run's validation slides
+    splits_csv: Path | None = option(
+        None, flag="--splits", metavar="CSV",
+    )  # split val: the run's splits CSV; none = the checkpoint's train_config splits_csv, else splits.csv beside it
+    n_bootstrap: int = option(2000, flag="--bootstrap")  # resamples of the AUC's stratified bootstrap 95% interval
+    seed: int = 0  # the bootstrap's seed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_bootstrap < 1:
+            raise ValueError(f"--bootstrap must be >= 1 resample, got {self.n_bootstrap}")
 
 
 # ---------------------------------------------------------------------- metrics
@@ -205,22 +228,17 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on every slide of a split; write the results to ``out_dir``.
 
-    Args:
-        checkpoint: a training checkpoint (``torch_impl.pipeline.checkpoint.load_model`` reads it).
-        data_dir: CAMELYON16 root (``torch_impl.slides.discover``'s layout).
-        out_dir: created if needed. Receives ``predictions.csv`` (slide_id, label,
-            prob_tumor, prediction), ``metrics.json``, ``roc.png`` (when both classes are
-            present) and ``attention/<slide_id>.npy`` + ``.json`` (the saved predictions,
-            :func:`torch_impl.pipeline.predict.save_prediction`, with the label).
-        mpp: working resolution; default the checkpoint's ``train_config["mpp"]``.
-        split: "test" (default) or "val" (needs the run's splits CSV, see ``splits_csv``).
-        device: "auto" (or None): the first GPU, else the CPU; or "cpu", "cuda", "cuda:N".
-        skip_bad_slides: skip unreadable slides with a warning (listed in metrics.json under
-            "skipped") instead of raising :class:`~torch_impl.pipeline.runtime.BadSlideError`.
-        splits_csv: for split "val": default the run's (``train_config["splits_csv"]``, or
-            ``splits.csv`` beside the checkpoint, i.e. in the run folder).
-        amp: "auto" (bfloat16 autocast of the trunk on CUDA only), "bf16" or "off".
-        n_bootstrap, seed: the AUC bootstrap (module docstring).
+    The arguments are the fields of :class:`EvaluateOptions` (the ``evaluate`` command's
+    options, whose help says what each means; ``data_dir`` is ``--data``, ``splits_csv``
+    ``--splits``, ``n_bootstrap`` ``--bootstrap``). Besides: ``device`` may be None (as
+    "auto") or a ``torch.device``; with ``skip_bad_slides`` the skipped slides are listed in
+    metrics.json under "skipped", without it the first one raises
+    :class:`~torch_impl.pipeline.runtime.BadSlideError`.
+
+    ``out_dir`` receives ``predictions.csv`` (slide_id, label, prob_tumor, prediction),
+    ``metrics.json``, ``roc.png`` (when both classes are present) and
+    ``attention/<slide_id>.npy`` + ``.json`` (the saved predictions,
+    :func:`torch_impl.pipeline.predict.save_prediction`, with the label).
 
     Returns:
         the metrics dict also written to metrics.json.
@@ -271,31 +289,18 @@ def evaluate_run(
 
 
 def main_evaluate(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: ``python -m torch_impl evaluate --data DIR --checkpoint FILE --out DIR``. Returns 0."""
-    parser = argparse.ArgumentParser(
+    """CLI: ``python -m torch_impl evaluate --data DIR --checkpoint FILE --out DIR`` (:class:`EvaluateOptions`).
+
+    Returns 0. The pipeline's errors propagate: :func:`torch_impl.pipeline.cli.main` reports
+    the expected ones in one line (exit status 2).
+    """
+    parser = OptionParser(
+        EvaluateOptions,
         prog=prog or "python -m torch_impl evaluate",
         description="Deterministic whole-slide evaluation of a StreamingCLAM checkpoint: "
                     "predictions.csv, metrics.json (AUC, 95% bootstrap CI, accuracy), roc.png "
                     "and attention maps.",
+        parents=[verbosity_options()],
     )
-    parser.add_argument("--data", type=Path, required=True, help="CAMELYON16 root")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--mpp", type=float, default=None,
-                        help="working resolution in um/px (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--split", choices=SPLITS, default="test",
-                        help="test slides, or the run's validation slides (needs --splits)")
-    parser.add_argument("--splits", type=Path, default=None,
-                        help="splits CSV for --split val (default: the run's, i.e. the checkpoint's "
-                             "train_config splits_csv or splits.csv beside the checkpoint)")
-    parser.add_argument("--skip-bad-slides", action="store_true",
-                        help="skip unreadable slides with a warning instead of stopping")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast (auto: on CUDA only)")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC CI")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    args = parser.parse_args(argv)
-    evaluate_run(args.checkpoint, args.data, args.out, mpp=args.mpp, split=args.split,
-                 device=args.device, skip_bad_slides=args.skip_bad_slides, splits_csv=args.splits,
-                 amp=args.amp, n_bootstrap=args.bootstrap, seed=args.seed)
+    evaluate_run(**dataclasses.asdict(parser.parse(argv)))
     return 0

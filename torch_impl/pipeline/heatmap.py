@@ -61,12 +61,12 @@ File > Import objects reads it as annotations of that class.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,16 @@ from contourpy import FillType, contour_generator
 
 from ..slides import Slide, rasterize_polygons, read_lesions
 from .checkpoint import load_model, trained_mpp
+from .logs import verbosity_options
 from .metrics import roc_auc
+from .options import OptionParser, option
 from .plots import overlay_attention
-from .predict import SlidePrediction, load_prediction, predict_file, save_prediction
-from .runtime import AMP_CHOICES, atomic_write, resolve_device
+from .predict import InferenceOptions, SlidePrediction, load_prediction, predict_file, save_prediction
+from .runtime import atomic_write, resolve_device
 
 __all__ = [
     "TOP_FRACTIONS",
+    "HeatmapOptions",
     "attention_auc",
     "attention_geojson",
     "attention_to_uint8",
@@ -107,6 +110,30 @@ _MAX_SUBGRID = 4096  # longest side of the lesion raster grid
 #: Fractions of the tissue cells whose most attended ones the GeoJSON outlines.
 TOP_FRACTIONS = (0.10, 0.01)
 _CONTOUR_COLORS = [(255, 0, 0), (255, 140, 0), (255, 215, 0), (0, 160, 255)]  # smallest fraction first
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeatmapOptions(InferenceOptions):
+    """The ``heatmap`` command (--out, --mpp, --device, --amp from
+    :class:`~torch_impl.pipeline.predict.InferenceOptions`; --checkpoint becomes optional).
+    Raises ValueError when neither --checkpoint nor --attention is given, or for sizes < 1."""
+
+    slide: Path = option(metavar="FILE")  # the slide file
+    checkpoint: Path | None = option(None, metavar="FILE")  # training checkpoint (.pt); not needed with --attention
+    attention: Path | None = option(None, metavar="FILE")  # saved attention/<id>.npy (evaluate, predict): no model run
+    annotation: Path | None = option(None, metavar="XML")  # ASAP XML lesion annotation: lesion outlines, attention AUC
+    thumbnail_size: int = option(1024, metavar="PX")  # longest side of the PNG's thumbnail, pixels
+    tiff_downsample: int | None = None  # working pixels per base-level TIFF pixel; none = 8, less for small slides
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.checkpoint is None and self.attention is None:
+            raise ValueError("give --checkpoint, or --attention with a saved attention map")
+        if self.thumbnail_size < 1:
+            raise ValueError(f"--thumbnail-size must be >= 1 pixel, got {self.thumbnail_size}")
+        if self.tiff_downsample is not None and self.tiff_downsample < 1:
+            raise ValueError(f"--tiff-downsample must be >= 1 (working pixels per TIFF pixel), "
+                             f"got {self.tiff_downsample}")
 
 
 # ---------------------------------------------------------------------- cells and pixels
@@ -493,14 +520,12 @@ def write_heatmap(
             ``predict_slide``), or :func:`~torch_impl.pipeline.predict.load_prediction` of
             a saved ``attention/<id>.npy``.
         out_dir: created if needed.
-        annotation: ASAP XML lesion annotation: adds the attention AUC of lesion vs other
-            tissue cells (module docstring) to the result and the PNG title, and outlines
-            the lesions on the PNG.
+        annotation, thumbnail_size, tiff_downsample: as the fields of :class:`HeatmapOptions`
+            (the ``heatmap`` command's options); the attention AUC (module docstring) goes
+            into the result and the PNG title, and the TIFF's levels are
+            :func:`write_attention_tiff`'s.
         slide_path: the slide file, when it is no longer where ``prediction.slide_path``
             says; its lower-case stem must be the prediction's slide id.
-        thumbnail_size: longest side of the PNG's thumbnail, pixels.
-        tiff_downsample: working pixels per base-level TIFF pixel (see
-            :func:`write_attention_tiff`).
         top_fractions: the GeoJSON's levels (:func:`attention_geojson`).
 
     Returns:
@@ -568,41 +593,31 @@ def write_heatmap(
 
 
 def main_heatmap(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: ``python -m torch_impl heatmap --slide FILE --checkpoint FILE --out DIR``. Returns 0."""
-    parser = argparse.ArgumentParser(
+    """CLI: ``python -m torch_impl heatmap --slide FILE --checkpoint FILE --out DIR`` (:class:`HeatmapOptions`).
+
+    Returns 0. The pipeline's errors propagate: :func:`torch_impl.pipeline.cli.main` reports
+    the expected ones in one line (exit status 2).
+    """
+    parser = OptionParser(
+        HeatmapOptions,
         prog=prog or "python -m torch_impl heatmap",
         description="Attention heatmap of one slide: <id>_heatmap.png (thumbnail overlay), "
                     "<id>_attention.tif (pyramidal TIFF at slide scale) and <id>_attention.geojson "
                     "(contours of the most attended cells, QuPath annotations); with --annotation, "
                     "the attention's AUC separating lesion from other tissue.",
+        parents=[verbosity_options()],
     )
-    parser.add_argument("--slide", type=Path, required=True, help="slide file")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="training checkpoint (not needed with --attention)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--annotation", type=Path, default=None, help="ASAP XML lesion annotation")
-    parser.add_argument("--mpp", type=float, default=None,
-                        help="working resolution in um/px (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--attention", type=Path, default=None,
-                        help="saved attention/<id>.npy from evaluate or predict (skips the model)")
-    parser.add_argument("--thumbnail-size", type=int, default=1024, help="PNG thumbnail's longest side")
-    parser.add_argument("--tiff-downsample", type=int, default=None,
-                        help="working pixels per base TIFF pixel (default 8, less for small slides)")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast (auto: on CUDA only)")
-    args = parser.parse_args(argv)
-    if args.checkpoint is None and args.attention is None:
-        parser.error("give --checkpoint, or --attention with a saved attention map")
-    if args.attention is not None:
-        prediction = load_prediction(args.attention)
-        if args.mpp is not None and not math.isclose(args.mpp, prediction.mpp, rel_tol=0.1):
-            raise ValueError(f"--mpp {args.mpp} differs from the {prediction.mpp} um/px the attention was "
+    opts = parser.parse(argv)
+    if opts.attention is not None:
+        prediction = load_prediction(opts.attention)
+        if opts.mpp is not None and not math.isclose(opts.mpp, prediction.mpp, rel_tol=0.1):
+            raise ValueError(f"--mpp {opts.mpp} differs from the {prediction.mpp} um/px the attention was "
                              f"computed at")
     else:
-        device = resolve_device(args.device)
-        model, _ = load_model(args.checkpoint, device=device)
-        prediction = predict_file(model, args.slide, trained_mpp(args.checkpoint, args.mpp), device, args.amp)
-        save_prediction(prediction, args.out / "attention")  # to redraw without the model
-    write_heatmap(prediction, args.out, annotation=args.annotation, slide_path=args.slide,
-                  thumbnail_size=args.thumbnail_size, tiff_downsample=args.tiff_downsample)
+        device = resolve_device(opts.device)
+        model, _ = load_model(opts.checkpoint, device=device)
+        prediction = predict_file(model, opts.slide, trained_mpp(opts.checkpoint, opts.mpp), device, opts.amp)
+        save_prediction(prediction, opts.out_dir / "attention")  # to redraw without the model
+    write_heatmap(prediction, opts.out_dir, annotation=opts.annotation, slide_path=opts.slide,
+                  thumbnail_size=opts.thumbnail_size, tiff_downsample=opts.tiff_downsample)
     return 0

@@ -32,11 +32,18 @@ name) are all used. It writes
     DIR/summary.json                  checkpoint, mpp, slides, skipped slides
     DIR/heatmaps/<image>_heatmap.png, _attention.tif, _attention.geojson    with --heatmaps
                                       (see :func:`torch_impl.pipeline.heatmap.write_heatmap`)
+
+The commands' shared options are written once here, as dataclasses whose fields become the
+options (:mod:`torch_impl.pipeline.options`; a field's comment is its help):
+
+    ComputeOptions          --device                                  (every command that computes)
+    InferenceOptions        + --checkpoint --out --mpp --amp          (heatmap)
+    BatchInferenceOptions   + --skip-bad-slides                       (evaluate, predict)
+    PredictOptions          + SLIDE... --heatmaps                     (predict)
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -57,10 +64,16 @@ from ..slides import NoTissueError, SlideError
 from ..slides.augment import AugmentedView
 from ..slides.inputs import SlideInput, open_slide_input
 from .checkpoint import load_model, trained_mpp
+from .logs import verbosity_options
+from .options import OptionParser, option
 from .runtime import AMP_CHOICES, BadSlideError, atomic_write, autocast, autocast_dtype, resolve_device
 
 __all__ = [
     "SLIDE_EXTENSIONS",
+    "BatchInferenceOptions",
+    "ComputeOptions",
+    "InferenceOptions",
+    "PredictOptions",
     "SlidePrediction",
     "attention_cell_size",
     "feature_grid",
@@ -86,6 +99,52 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".
 
 #: Appended to the error of an unusable slide when it stops a run.
 SKIP_HINT = "; pass skip_bad_slides=True (--skip-bad-slides) to skip it"
+
+
+# ---------------------------------------------------------------------- the commands' options
+@dataclass(frozen=True, kw_only=True)
+class ComputeOptions:
+    """Where a command computes. Raises ValueError (a usage error on the command line) for a
+    device that is no device or is not there (:func:`~torch_impl.pipeline.runtime.resolve_device`)."""
+
+    device: str = option("auto", metavar="DEV")  # "auto" (the first GPU, else the CPU), "cpu", "cuda" or "cuda:N"
+
+    def __post_init__(self) -> None:
+        try:
+            resolve_device(self.device)
+        except RuntimeError as e:  # no such device type, or no such GPU here
+            raise ValueError(f"--device {self.device}: {e}") from e
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceOptions(ComputeOptions):
+    """Running a trained checkpoint on slides (heatmap; evaluate and predict through
+    :class:`BatchInferenceOptions`). Raises ValueError for an mpp that is not > 0."""
+
+    checkpoint: Path = option(metavar="FILE")  # training checkpoint (.pt), e.g. a run's best.pt
+    out_dir: Path = option(flag="--out", metavar="DIR")  # output folder (created if needed)
+    mpp: float | None = None  # working resolution in um/px; none = the checkpoint's (the one it was trained at)
+    amp: str = option("auto", choices=AMP_CHOICES)  # bfloat16 autocast of the trunk ("auto": on CUDA only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mpp is not None and not self.mpp > 0:  # also NaN
+            raise ValueError(f"--mpp must be > 0 micrometres per pixel, got {self.mpp}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchInferenceOptions(InferenceOptions):
+    """A checkpoint run on many slides (evaluate, predict)."""
+
+    skip_bad_slides: bool = False  # skip a missing, unreadable or tissue-less slide with a warning instead of stopping
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions(BatchInferenceOptions):
+    """The ``predict`` command; its fields are :func:`predict_run`'s arguments."""
+
+    slides: list[Path] = option(positional=True, metavar="SLIDE")  # slide files, or folders of them
+    heatmaps: bool = False  # also write each slide's <image>_heatmap.png, _attention.tif and _attention.geojson
 
 
 @dataclass(frozen=True)
@@ -425,21 +484,15 @@ def predict_run(
 ) -> dict[str, Any]:
     """Run a checkpoint on unlabelled slides; write the files of the module docstring.
 
-    Args:
-        checkpoint: a training checkpoint (``load_model`` reads it).
-        slides: a slide file or folder, or a list of them (:func:`find_slides`).
-        out_dir: created if needed.
-        mpp: working resolution in um/px; default the checkpoint's ``train_config["mpp"]``.
-        device: "auto" (the first GPU, else the CPU), "cpu", "cuda", "cuda:N".
-        amp: "auto" | "bf16" | "off".
-        heatmaps: also write each slide's PNG overlay, pyramidal TIFF and GeoJSON of
-            attention contours (:func:`torch_impl.pipeline.heatmap.write_heatmap`).
-        skip_bad_slides: skip unusable slides with a warning (listed in summary.json)
-            instead of raising :class:`BadSlideError`.
+    The arguments are the fields of :class:`PredictOptions` (the ``predict`` command's
+    options, whose help says what each means). Besides: ``slides`` may also be one file or
+    folder; ``device`` may be a ``torch.device``; with ``skip_bad_slides`` the skipped slides
+    are listed in summary.json, without it the first one raises :class:`BadSlideError`.
 
     Returns:
         the summary also written to summary.json: checkpoint, mpp, n_slides, predictions
-        ({image: probability}), skipped, csv, and with ``heatmaps`` the heatmap results.
+        ({image: probability}), skipped, csv, and with ``heatmaps`` the heatmap results
+        (:func:`torch_impl.pipeline.heatmap.write_heatmap`).
     """
     paths = find_slides([slides] if isinstance(slides, (str, os.PathLike)) else list(slides))
     out = Path(out_dir)
@@ -479,26 +532,19 @@ def predict_run(
 
 
 def main_predict(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: ``python -m torch_impl predict SLIDES... --checkpoint FILE --out DIR``. Returns 0."""
-    parser = argparse.ArgumentParser(
+    """CLI: ``python -m torch_impl predict SLIDE... --checkpoint FILE --out DIR`` (:class:`PredictOptions`).
+
+    Returns 0. The pipeline's errors propagate: :func:`torch_impl.pipeline.cli.main` reports
+    the expected ones in one line (exit status 2).
+    """
+    parser = OptionParser(
+        PredictOptions,
         prog=prog or "python -m torch_impl predict",
         description="Run a StreamingCLAM checkpoint on slides without labels: predictions.csv in the "
                     "CAMELYON16 submission format (image,probability), the attention maps, and with "
-                    "--heatmaps a PNG overlay, a pyramidal TIFF and a QuPath GeoJSON per slide.",
+                    "--heatmaps a PNG overlay, a pyramidal TIFF and a QuPath GeoJSON per slide. A folder "
+                    f"gives its files named *{' *'.join(SLIDE_EXTENSIONS)}.",
+        parents=[verbosity_options()],
     )
-    parser.add_argument("slides", nargs="+", type=Path,
-                        help=f"slide files, or folders of them ({' '.join(SLIDE_EXTENSIONS)})")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--mpp", type=float, default=None,
-                        help="working resolution in um/px (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast (auto: on CUDA only)")
-    parser.add_argument("--heatmaps", action="store_true",
-                        help="also write <image>_heatmap.png, _attention.tif and _attention.geojson")
-    parser.add_argument("--skip-bad-slides", action="store_true",
-                        help="skip unreadable slides with a warning instead of stopping")
-    args = parser.parse_args(argv)
-    predict_run(args.checkpoint, args.slides, args.out, mpp=args.mpp, device=args.device, amp=args.amp,
-                heatmaps=args.heatmaps, skip_bad_slides=args.skip_bad_slides)
+    predict_run(**dataclasses.asdict(parser.parse(argv)))
     return 0

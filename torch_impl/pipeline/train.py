@@ -55,7 +55,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..slides.augment import AugmentedView, draw_augmentation
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
 from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, save_config, validate_config
-from ..slides import NoTissueError, SlideError, SlideRecord, discover, make_splits
+from ..slides import SlideError, SlideRecord, discover, make_splits
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -70,7 +70,7 @@ from ..slides.inputs import SlideInput
 from .logs import QUIET, run_log, verbosity, verbosity_options
 from .metrics import accuracy, roc_auc
 from ..models.streaming_clam import StreamingCLAM, build_model
-from .options import add_dataclass_options, apply_options, field_paths, given_options
+from .options import OptionParser, add_dataclass_options, apply_options, field_paths, given_options
 from ..streaming import to_model_input
 from .predict import feature_mask, open_slide, predict_slides
 from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype
@@ -723,8 +723,9 @@ _METAVARS = {"data_dir": "DIR", "out_dir": "RUN", "splits_csv": "CSV", "exclude"
 
 
 def _parser(prog: str = "python -m torch_impl train") -> argparse.ArgumentParser:
-    """The train command: --config, --resume, -v/-q and one option per TrainConfig/ModelConfig field."""
-    p = argparse.ArgumentParser(
+    """The train command: --config, --resume, -v/-q and one option per TrainConfig/ModelConfig field
+    (usage errors in one line, :class:`~torch_impl.pipeline.options.OptionParser`)."""
+    p = OptionParser(
         prog=prog,
         description="Train StreamingCLAM (ResNet-34 + CLAM, streamed) on a CAMELYON16-style data set. "
                     "Settings: the defaults shown < --config FILE (or the run's config.json with --resume) "
@@ -756,26 +757,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main_train(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """CLI: ``python -m torch_impl train --data DIR --out RUN [options]``.
+    """CLI: ``python -m torch_impl train --data DIR --out RUN [options]``. Returns 0 when done.
 
-    Returns the exit status: 0 done, 1 training failed (the error is logged), 2 invalid
-    settings. Logging is set up by the caller (the top-level CLI); rank 0 also logs to
-    ``RUN/train.log``. ``-q`` here or before the command: no progress bars.
+    Invalid settings (ValueError of :func:`validate_config`, a missing --config file) and a
+    failed run (:class:`TrainingError`, ...) propagate: :func:`torch_impl.pipeline.cli.main`
+    reports the expected ones in one line (exit status 2). Logging is set up by the caller
+    (the top-level CLI); rank 0 also logs to ``RUN/train.log``, which records why a run
+    stopped. ``-q`` here or before the command: no progress bars.
     """
     args = _parser(prog or "python -m torch_impl train").parse_args(argv)
     args.quiet = args.quiet or verbosity() == QUIET
-    try:
-        config = config_from_args(args)
-        validate_config(config)
-    except (ValueError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 2
+    config = validate_config(config_from_args(args))
     rank = int(os.environ.get("RANK", "0") or 0)
     with run_log(Path(config.out_dir) / "train.log") if rank == 0 else nullcontext():
         try:
             result = train(config, resume=args.resume)
-        except (TrainingError, SlideError, NoTissueError) as e:
-            logger.error("%s", e)
-            return 1
+        except Exception as e:
+            logger.error("training stopped: %s", e)  # into train.log; the caller reports or raises it
+            raise
         logger.info("done: %s", json.dumps(result))
     return 0
