@@ -40,7 +40,7 @@ def test_two_processes_take_the_step_of_one_process_accumulating_both_slides(tmp
     # One epoch of the whole network (no head-only phase): the streamed trunk's gradients
     # are averaged too. No validation slides; a large learning rate makes the step visible.
     common = ["--data", str(data), "--epochs", "1", "--head-only-epochs", "0", "--width", "4", "--mpp", "1.0",
-              "--tile-size", "512", "--val-fraction", "0", "--lr", "0.01", "--quiet"]
+              "--tile-size", "1024", "--val-fraction", "0", "--lr", "0.01", "--quiet"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

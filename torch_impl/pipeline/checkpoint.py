@@ -196,7 +196,8 @@ def trained_mpp(checkpoint: str | os.PathLike, mpp: float | None = None) -> floa
     return float(stored)
 
 
-def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, default_name: str, key: str) -> Path:
+def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, default_name: str, key: str,
+             option: str) -> Path:
     """A file of a checkpoint's run, from a path the checkpoint stores: only inside its run folder.
 
     The run folder is the checkpoint's folder. ``stored`` (e.g. ``train_config["splits_csv"]``;
@@ -206,8 +207,8 @@ def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, de
     never make a command read (and quote in its errors) some other file.
 
     Raises:
-        CheckpointError: ``stored`` points outside the run folder (the message says to give
-            the file explicitly, ``key`` naming the setting).
+        CheckpointError: ``stored`` points outside the run folder (the message names the
+            setting ``key`` and says to give the file with ``option`` instead).
     """
     run = Path(checkpoint).resolve().parent
     if stored is None or stored == "":
@@ -218,7 +219,7 @@ def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, de
     if not target.is_relative_to(run):
         raise CheckpointError(
             f"{checkpoint} names {key} {os.fspath(stored)!r}, outside its run folder {run}; a path stored in a "
-            f"checkpoint is read only inside its run folder. Give the file explicitly if you trust it")
+            f"checkpoint is read only inside its run folder. If you trust that file, give it with {option} FILE")
     return target
 
 

@@ -269,7 +269,7 @@ def evaluate_run(
     amp_dtype = autocast_dtype(amp, dev)
     if split == "val" and splits_csv is None:
         splits_csv = run_file(checkpoint, read_train_config(checkpoint).get("splits_csv"), "splits.csv",
-                              "splits_csv")
+                              "splits_csv", "--splits")
     records = select_records(data_dir, split, splits_csv, skip_bad_slides)
     missing = missing_test_slides(data_dir) if split == "test" else []
     labels_by_id = {r.slide_id: r.label for r in records}

@@ -608,9 +608,8 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
         _check_resume(ckpt, config, last_path)
     if info.is_main:
         remove_stale_temp_files(out)  # leftovers of a run killed mid-write (see runtime)
-    train_records, val_records = _load_records(config, info)
-    by_id = {r.slide_id: r for r in train_records}
 
+    # the network first: a bad weight file stops the run before splits.csv is written
     torch.manual_seed(config.seed)  # the model's initialisation, the same on every process
     if resume:  # every weight comes from last.pt: no weight file needed, no random-init warning
         with quiet_random_init():
@@ -619,6 +618,8 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
         model = build_model(config.model).to(device)
     optimizer = _make_optimizer(model, config)
     state = RunState()
+    train_records, val_records = _load_records(config, info)
+    by_id = {r.slide_id: r for r in train_records}
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
