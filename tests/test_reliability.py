@@ -21,7 +21,6 @@ Training runs: the tiny synthetic data set of tests/test_train.py (1024 px slide
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import errno
 import json
 import logging
@@ -256,7 +255,6 @@ def test_bad_input_gives_a_clear_error(name, world, tmp_path):
 def test_smallest_tile_is_the_planners():
     """930 for ResNet-34 (tutorial 04), and the planner really refuses 929 on a large axis."""
     from reference.tiling import plan_axis
-
     from torch_impl.models.resnet import freeze_batchnorm, trunk
     from torch_impl.streaming import module_geometry
 

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 
-_held: dict[Path, "RunLock"] = {}  # lock file -> this process's lock of it (re-entrancy)
+_held: dict[Path, RunLock] = {}  # lock file -> this process's lock of it (re-entrancy)
 _held_guard = threading.Lock()
 
 
@@ -109,7 +109,7 @@ class RunLock:
     def held(self) -> bool:
         return self._owner._fd is not None or self._owner._count > 0
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock (module docstring); returns ``self``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         key = self.path.resolve()
@@ -149,7 +149,7 @@ class RunLock:
                 os.close(owner._fd)  # closing the last descriptor drops the flock
                 owner._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
