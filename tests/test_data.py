@@ -511,6 +511,28 @@ def test_discover_missing_reference_csv(tmp_path):
     assert str(tmp_path / "testing" / "evaluation" / "reference.csv") in str(err.value)
 
 
+def test_discover_training_slides_need_no_reference_csv(tmp_path):
+    fake_layout(tmp_path)
+    (tmp_path / "testing" / "reference.csv").unlink()
+    records = discover(tmp_path, include_test=False)
+    assert [r.slide_id for r in records] == ["normal_001", "normal_002", "tumor_001", "tumor_002"]
+
+
+def test_discover_names_listed_test_slides_missing_on_disk(tmp_path, caplog):
+    from torch_impl.slides.camelyon import missing_test_slides
+
+    fake_layout(tmp_path)
+    (tmp_path / "testing" / "images" / "Test_002.TIF").unlink()
+    with caplog.at_level(logging.WARNING, logger="torch_impl.slides.camelyon"):
+        records = {r.slide_id for r in discover(tmp_path)}
+    assert "test_002" not in records and "test_001" in records
+    assert "test_002" in caplog.text and "no such slide file" in caplog.text
+    assert missing_test_slides(tmp_path) == ["test_002"]
+    (tmp_path / "testing" / "images" / "test_049.tif").unlink()  # excluded by default: not missing
+    assert missing_test_slides(tmp_path) == ["test_002"]
+    assert missing_test_slides(tmp_path, exclude=()) == ["test_002", "test_049"]
+
+
 def test_discover_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no CAMELYON16 slides"):
         discover(tmp_path)

@@ -37,10 +37,11 @@ def one_thread():
 def test_two_processes_take_the_step_of_one_process_accumulating_both_slides(tmp_path):
     data = tmp_path / "data"
     make_demo_data(data, n_normal=1, n_tumor=1, n_test_normal=0, n_test_tumor=0, size=(1024, 1024), seed=5)
-    # One epoch of the whole network (no head-only phase): the streamed trunk's gradients
-    # are averaged too. No validation slides; a large learning rate makes the step visible.
+    # One epoch of the whole network (no head-only phase, batch-norm affines trainable too):
+    # every trunk gradient is averaged. No validation slides; a large learning rate makes the
+    # step visible.
     common = ["--data", str(data), "--epochs", "1", "--head-only-epochs", "0", "--width", "4", "--mpp", "1.0",
-              "--tile-size", "512", "--val-fraction", "0", "--lr", "0.01", "--quiet"]
+              "--tile-size", "1024", "--val-fraction", "0", "--lr", "0.01", "--no-freeze-bn-affine", "--quiet"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -212,7 +212,7 @@ def test_validate_lists_every_problem():
         validate_config(TrainConfig(mpp=-1, amp="fp8", accumulate=0, model=ModelConfig(tile_size=8)))
     text = str(e.value)
     for fragment in ("data_dir is required", "out_dir is required", "mpp must be > 0", "accumulate must be >= 1",
-                     "amp must be one of", "model.tile_size must be >= 32"):
+                     "amp must be one of", "model.tile_size (--tile-size) 8 is smaller than the smallest tile"):
         assert fragment in text
 
 
@@ -328,7 +328,7 @@ def tiny_config(data_root: Path, out: Path, **changes) -> TrainConfig:
     """Width-4 ResNet-34 at 1 um/px; 2 + 2 training and 1 + 1 validation slides."""
     base = TrainConfig(
         data_dir=str(data_root), out_dir=str(out),
-        model=ModelConfig(width=4, hidden_dim=16, attention_dim=8, pool=None, tile_size=512),
+        model=ModelConfig(width=4, hidden_dim=16, attention_dim=8, pool=None, tile_size=1024),
         mpp=1.0, val_fraction=0.34, epochs=2, head_only_epochs=1, lr=3e-3, progress=False,
     )
     return replace(base, **changes)

@@ -326,15 +326,32 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ignore_fc: bool = Fa
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is no torch weight file (text, another format), or it is a
+            StreamingCLAM training checkpoint (those resume a run or load whole models).
         TypeError: the file holds no mapping of names to tensors.
         RuntimeError: the names or shapes do not match ``model``.
+        Every message names the file.
     """
+    name = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"weights file {os.fspath(path)!r} not found; weights are never downloaded, "
+            f"weights file {name!r} not found; weights are never downloaded, "
             "so save the checkpoint (e.g. torchvision's resnet34-b627a593.pth) locally and pass its path"
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a foreign file (UnpicklingError, KeyError, ...)
+        raise ValueError(
+            f"weights file {name!r} is not a torch weight file that can be read safely "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); pass a ResNet state dict "
+            "saved with torch.save, e.g. torchvision's resnet34-b627a593.pth"
+        ) from e
+    if isinstance(checkpoint, Mapping) and "model_config" in checkpoint and "model" in checkpoint:
+        raise ValueError(
+            f"weights file {name!r} is a StreamingCLAM training checkpoint, not ResNet weights: continue its run "
+            "with --resume (train) or use it with load_model / --checkpoint (evaluate, predict, heatmap); "
+            "the weights option takes a ResNet state dict such as torchvision's resnet34-b627a593.pth"
+        )
     state_dict = checkpoint
     if isinstance(checkpoint, Mapping):
         for key in ("state_dict", "model"):
@@ -345,7 +362,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ignore_fc: bool = Fa
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()
     ):
         raise TypeError(
-            f"{os.fspath(path)!r} holds no state dict (a mapping of names to tensors, possibly "
+            f"{name!r} holds no state dict (a mapping of names to tensors, possibly "
             f"under 'state_dict' or 'model'); found {type(state_dict).__name__}"
         )
 
@@ -355,7 +372,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ignore_fc: bool = Fa
         # Keep the model's own fc tensors, so that strict loading still checks everything else.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
         state_dict.update({k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"weights file {name!r} does not fit this network (another architecture or width?): "
+                           f"{e}") from e
     return model
 
 

@@ -17,8 +17,14 @@ read (tensors, numbers, strings, lists, dicts, tuples only; no pickled classes):
 
 Saving is atomic (:func:`torch_impl.pipeline.runtime.atomic_write`): the bytes go to a
 temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` puts the
-file in place in one step. A crash or a failed write leaves the previous checkpoint
-untouched and no partial file behind.
+file in place in one step. A failed write (a full disk included: "no space left on device
+while writing <file>; the previous checkpoint is intact") leaves the previous checkpoint
+untouched and no partial file behind; the temporary file of a process killed mid-write is
+removed by the next save into that folder (:func:`~torch_impl.pipeline.runtime.remove_stale_temp_files`).
+
+Paths stored in a checkpoint (``train_config["splits_csv"]``, ...) are the writer's word,
+not to be trusted: :func:`run_file` reads one only if it lies inside the checkpoint's own
+run folder.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import pickle
 import random
@@ -37,7 +44,7 @@ import numpy as np
 import torch
 
 from ..models.streaming_clam import ModelConfig, StreamingCLAM, build_model
-from .runtime import atomic_write
+from .runtime import atomic_write, remove_stale_temp_files
 
 __all__ = [
     "CheckpointError",
@@ -45,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "read_train_config",
+    "run_file",
     "trained_mpp",
     "quiet_random_init",
     "rng_state",
@@ -63,10 +71,15 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     (:func:`~torch_impl.pipeline.runtime.atomic_write`).
 
     Returns the path. On any failure the temporary file is removed and the error re-raised;
-    an existing file at ``path`` is never touched before the new one is complete.
+    an existing file at ``path`` is never touched before the new one is complete. Leftover
+    temporary files of ``path`` from writers that were killed are removed first.
+
+    Raises:
+        DiskFullError: the disk filled up; the previous checkpoint at ``path`` is intact.
     """
     path = Path(path)
-    with atomic_write(path, "wb") as f:
+    remove_stale_temp_files(path.parent, path.name)
+    with atomic_write(path, "wb", what="checkpoint") as f:
         torch.save(state, f)
     return path
 
@@ -165,13 +178,49 @@ def read_train_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 def trained_mpp(checkpoint: str | os.PathLike, mpp: float | None = None) -> float:
     """The working resolution (um/px) to run a checkpoint at: ``mpp`` if given, else the
-    ``train_config["mpp"]`` it was trained at."""
+    ``train_config["mpp"]`` it was trained at.
+
+    Raises:
+        ValueError: ``mpp`` (``--mpp``) is not a finite number > 0, or the checkpoint stores
+            none (or a bad one) and ``mpp`` is not given.
+    """
     if mpp is not None:
+        if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not (math.isfinite(mpp) and mpp > 0):
+            raise ValueError(f"--mpp must be a finite number of micrometres per pixel > 0 (e.g. 0.5), got {mpp!r}")
         return float(mpp)
     config = read_train_config(checkpoint)
-    if "mpp" not in config:
-        raise ValueError(f"{checkpoint}: train_config has no 'mpp'; pass mpp (--mpp) explicitly")
-    return float(config["mpp"])
+    stored = config.get("mpp")
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)) or not (math.isfinite(stored) and stored > 0):
+        raise ValueError(f"{checkpoint}: train_config has no usable 'mpp' (got {stored!r}); pass mpp (--mpp) "
+                         f"explicitly")
+    return float(stored)
+
+
+def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, default_name: str, key: str,
+             option: str) -> Path:
+    """A file of a checkpoint's run, from a path the checkpoint stores: only inside its run folder.
+
+    The run folder is the checkpoint's folder. ``stored`` (e.g. ``train_config["splits_csv"]``;
+    relative paths are taken from the working directory, as training took them) is used
+    only if it resolves (symbolic links followed) to a file inside that folder; None or
+    empty gives ``<run folder>/<default_name>``. A crafted or moved checkpoint can thus
+    never make a command read (and quote in its errors) some other file.
+
+    Raises:
+        CheckpointError: ``stored`` points outside the run folder (the message names the
+            setting ``key`` and says to give the file with ``option`` instead).
+    """
+    run = Path(checkpoint).resolve().parent
+    if stored is None or stored == "":
+        return run / default_name
+    if not isinstance(stored, (str, os.PathLike)):
+        raise CheckpointError(f"{checkpoint}: train_config {key!r} is no path: {stored!r}")
+    target = Path(stored).resolve()
+    if not target.is_relative_to(run):
+        raise CheckpointError(
+            f"{checkpoint} names {key} {os.fspath(stored)!r}, outside its run folder {run}; a path stored in a "
+            f"checkpoint is read only inside its run folder. If you trust that file, give it with {option} FILE")
+    return target
 
 
 # ----------------------------------------------------------------------------- RNG states

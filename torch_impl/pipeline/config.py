@@ -17,7 +17,9 @@ JSON files may give any subset of the fields; ``"model"`` is a nested object of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import types
 import typing
@@ -29,7 +31,8 @@ from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..models.streaming_clam import ModelConfig
 from .runtime import atomic_write
 
-__all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
+__all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "smallest_tile_size",
+           "validate_config"]
 
 CONFIG_FILE = "config.json"
 
@@ -169,8 +172,33 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def smallest_tile_size() -> int:
+    """The smallest tile side (pixels) that the streamed ResNet-34 trunk accepts on a large slide.
+
+    A tile must hold the trunk's halo (:func:`reference.tiling.min_tile_size`: one receptive
+    field plus the offset rounded up to the stride; 930 for ResNet-34). Smaller tiles work
+    only on images no larger than the tile (one tile), so a setting below this fails on the
+    first large slide: :func:`validate_config` refuses it at the start instead. The geometry
+    does not depend on the width: it is read off a width-1 trunk.
+    """
+    from reference.tiling import min_tile_size
+
+    from ..models.resnet import freeze_batchnorm, resnet34, trunk
+    from ..streaming import module_geometry
+
+    rows, cols = module_geometry(freeze_batchnorm(trunk(resnet34(width=1))))
+    large = 2**31  # any axis longer than one receptive field gives the same answer
+    return max(min_tile_size(rows, large), min_tile_size(cols, large))
+
+
 def validate_config(config: TrainConfig) -> TrainConfig:
-    """Check types and ranges; raise ValueError with every problem listed. Returns ``config``."""
+    """Check types and ranges; raise ValueError with every problem listed. Returns ``config``.
+
+    Each problem names the setting as a field and as its command-line option. Beyond the
+    ranges: every float must be finite, and the tile sizes must hold the trunk's halo
+    (:func:`smallest_tile_size`), so a bad setting stops the run before anything is written.
+    """
     _check_fields(TrainConfig, {k: v for k, v in asdict(config).items() if k != "model"}, "config")
     _check_fields(ModelConfig, asdict(config.model), "config: model")
     problems: list[str] = []
@@ -179,9 +207,16 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         if not ok:
             problems.append(message)
 
+    floats = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(TrainConfig)]
+    floats += [(f"model.{f.name}", getattr(config.model, f.name)) for f in dataclasses.fields(ModelConfig)]
+    bad_floats = {name for name, value in floats if isinstance(value, float) and not math.isfinite(value)}
+    for name in sorted(bad_floats):
+        problems.append(f"{name} ({_option(name)}) must be a finite number, got {getattr_path(config, name)}")
+
     need(bool(config.data_dir), "data_dir is required (--data DIR)")
     need(bool(config.out_dir), "out_dir is required (--out DIR)")
-    need(config.mpp > 0, f"mpp must be > 0 micrometres per pixel, got {config.mpp}")
+    if "mpp" not in bad_floats:
+        need(config.mpp > 0, f"mpp must be > 0 micrometres per pixel (--mpp, e.g. 0.5), got {config.mpp}")
     need(config.max_size >= 32, f"max_size must be >= 32 pixels, got {config.max_size}")
     need(0.0 <= config.val_fraction < 1.0, f"val_fraction must lie in [0, 1), got {config.val_fraction}")
     need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
@@ -191,8 +226,6 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     need(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
     need(config.accumulate >= 1, f"accumulate must be >= 1, got {config.accumulate}")
     need(config.grad_clip is None or config.grad_clip > 0, f"grad_clip must be > 0 or null, got {config.grad_clip}")
-    need(config.phase2_tile_size is None or config.phase2_tile_size >= 32,
-         f"phase2_tile_size must be >= 32 or null, got {config.phase2_tile_size}")
     need(config.max_slides_per_epoch is None or config.max_slides_per_epoch >= 1,
          f"max_slides_per_epoch must be >= 1 or null, got {config.max_slides_per_epoch}")
     need(0.0 <= config.hue_shift <= 0.5, f"hue_shift must lie in [0, 0.5] turns, got {config.hue_shift}")
@@ -202,16 +235,38 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
          f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
     for path, choices in CHOICES.items():
-        value = config
-        for name in path.split("."):
-            value = getattr(value, name)
+        value = getattr_path(config, path)
         need(value in choices, f"{path} must be one of {list(choices)}, got {value!r}")
     m = config.model
     need(m.width >= 1, f"model.width must be >= 1, got {m.width}")
-    need(m.tile_size >= 32, f"model.tile_size must be >= 32 pixels, got {m.tile_size}")
-    need(m.backward_tile_size is None or m.backward_tile_size >= 32,
-         f"model.backward_tile_size must be >= 32 or null, got {m.backward_tile_size}")
+    smallest = smallest_tile_size()
+    for name, value, optional in (("model.tile_size", m.tile_size, False),
+                                  ("model.backward_tile_size", m.backward_tile_size, True),
+                                  ("phase2_tile_size", config.phase2_tile_size, True)):
+        if value is None and optional:
+            continue
+        need(value >= smallest,
+             f"{name} ({_option(name)}) {value} is smaller than the smallest tile the ResNet-34 trunk accepts: "
+             f"a tile must hold the network's halo; use {smallest} pixels or more")
     need(m.weights is None or Path(m.weights).is_file(), f"model.weights file not found: {m.weights}")
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
     return config
+
+
+def getattr_path(config: TrainConfig, path: str) -> Any:
+    """The value of a field path such as ``"lr"`` or ``"model.width"``."""
+    value: Any = config
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+#: Options named unlike their fields (train's command line).
+_OPTION_NAMES = {"data_dir": "--data", "out_dir": "--out"}
+
+
+def _option(path: str) -> str:
+    """The command-line option of a field path: ``model.tile_size`` -> ``--tile-size``."""
+    name = path.rsplit(".", 1)[-1]
+    return _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))

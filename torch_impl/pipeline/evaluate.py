@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from ..slides import SlideRecord, discover, read_splits
-from .checkpoint import load_model, read_train_config, trained_mpp
+from ..slides.camelyon import missing_test_slides
+from .checkpoint import load_model, read_train_config, run_file, trained_mpp
 from .logs import verbosity_options
 from .metrics import binary_labels_and_scores, bootstrap_auc_ci, roc_auc
 from .options import OptionParser, option
@@ -170,18 +171,31 @@ def classification_metrics(
 
 # ---------------------------------------------------------------------- the run
 def select_records(
-    data_dir: str | os.PathLike, split: str = "test", splits_csv: str | os.PathLike | None = None
+    data_dir: str | os.PathLike, split: str = "test", splits_csv: str | os.PathLike | None = None,
+    skip_bad_slides: bool = False,
 ) -> list[SlideRecord]:
     """The slides of ``split`` under a CAMELYON16 root, in ``discover``'s order.
 
-    ``"test"``: the test slides ``discover`` finds (test_049 excluded). ``"val"``: the
-    training slides that the run's splits CSV (``slide,label,split``, written by
-    ``make_splits``) assigns to "val"; ``splits_csv`` must be given.
+    ``"test"``: the test slides ``discover`` finds (test_049 excluded). A slide that the
+    reference CSV lists but the test folder lacks is an error (:class:`BadSlideError` naming
+    each), or with ``skip_bad_slides`` a warning naming each (they are left out; see
+    :func:`~torch_impl.slides.camelyon.missing_test_slides`). ``"val"``: the training slides
+    that the run's splits CSV (``slide,label,split``, written by ``make_splits``) assigns to
+    "val"; ``splits_csv`` must be given. The test labels (reference CSV) are not needed for it.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    records = discover(data_dir)
+    records = discover(data_dir, include_test=split == "test", warn_missing=False)
     if split == "test":
+        missing = missing_test_slides(data_dir)
+        if missing and not skip_bad_slides:
+            raise BadSlideError(
+                f"{len(missing)} test slide(s) listed in the reference CSV are not under "
+                f"{Path(data_dir) / 'testing' / 'images'}: {', '.join(missing)}; restore them, or pass "
+                f"skip_bad_slides=True (--skip-bad-slides) to evaluate without them")
+        for slide_id in missing:
+            logger.warning("skipping %s: listed in the reference CSV but not under %s", slide_id,
+                           Path(data_dir) / "testing" / "images")
         chosen = [r for r in records if r.split == "test"]
     else:
         if splits_csv is None or not Path(splits_csv).is_file():
@@ -231,9 +245,13 @@ def evaluate_run(
     The arguments are the fields of :class:`EvaluateOptions` (the ``evaluate`` command's
     options, whose help says what each means; ``data_dir`` is ``--data``, ``splits_csv``
     ``--splits``, ``n_bootstrap`` ``--bootstrap``). Besides: ``device`` may be None (as
-    "auto") or a ``torch.device``; with ``skip_bad_slides`` the skipped slides are listed in
-    metrics.json under "skipped", without it the first one raises
-    :class:`~torch_impl.pipeline.runtime.BadSlideError`.
+    "auto") or a ``torch.device``; with ``skip_bad_slides`` unreadable slides, and test
+    slides that the reference CSV lists but the test folder lacks, are skipped with a warning
+    naming each (listed in metrics.json under "skipped", counted under "n_skipped" and
+    "n_missing"); without it the first one raises
+    :class:`~torch_impl.pipeline.runtime.BadSlideError`. A ``splits_csv`` stored in the
+    checkpoint is used only inside the checkpoint's folder
+    (:func:`~torch_impl.pipeline.checkpoint.run_file`).
 
     ``out_dir`` receives ``predictions.csv`` (slide_id, label, prob_tumor, prediction),
     ``metrics.json``, ``roc.png`` (when both classes are present) and
@@ -244,12 +262,14 @@ def evaluate_run(
         the metrics dict also written to metrics.json.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    mpp = trained_mpp(checkpoint, mpp)  # a bad --mpp stops here, before any slide is blamed
     dev = resolve_device(device)
-    mpp = trained_mpp(checkpoint, mpp)
     amp_dtype = autocast_dtype(amp, dev)
     if split == "val" and splits_csv is None:
-        splits_csv = read_train_config(checkpoint).get("splits_csv") or checkpoint.parent / "splits.csv"
-    records = select_records(data_dir, split, splits_csv)
+        splits_csv = run_file(checkpoint, read_train_config(checkpoint).get("splits_csv"), "splits.csv",
+                              "splits_csv", "--splits")
+    records = select_records(data_dir, split, splits_csv, skip_bad_slides)
+    missing = missing_test_slides(data_dir) if split == "test" else []
     labels_by_id = {r.slide_id: r.label for r in records}
 
     model, _ = load_model(checkpoint, device=dev)
@@ -263,6 +283,8 @@ def evaluate_run(
 
     predictions, skipped = predict_slides(model, [(r.slide_id, r.path) for r in records], mpp, dev, amp,
                                           skip_bad_slides, on_prediction=save)
+    skipped = [{"slide_id": s, "path": str(Path(data_dir) / "testing" / "images"),
+                "error": "listed in the reference CSV but no slide file"} for s in missing] + skipped
     if not predictions:
         raise BadSlideError(f"no slide of {len(records)} could be evaluated (all skipped)")
     rows = [(p.slide_id, labels_by_id[p.slide_id], p.prob_tumor) for p in predictions]
@@ -271,7 +293,8 @@ def evaluate_run(
     labels = np.array([r[1] for r in rows], dtype=np.int64)
     scores = np.array([r[2] for r in rows], dtype=np.float64)
     metrics = classification_metrics(labels, scores, THRESHOLD, n_bootstrap, seed)
-    metrics.update(split=split, mpp=mpp, checkpoint=str(checkpoint), skipped=skipped)
+    metrics.update(split=split, mpp=mpp, checkpoint=str(checkpoint), skipped=skipped, n_skipped=len(skipped),
+                   n_missing=len(missing))
     if metrics["auc"] is not None:
         fpr, tpr, _ = roc_curve(labels, scores)
         ci = tuple(metrics["auc_ci95"]) if metrics["auc_ci95"] is not None else None

@@ -73,13 +73,16 @@ from ..models.streaming_clam import StreamingCLAM, build_model
 from .options import OptionParser, add_dataclass_options, apply_options, field_paths, given_options
 from ..streaming import to_model_input
 from .predict import feature_mask, open_slide, predict_slides
-from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype
+from .run_lock import RunLock, RunLockedError
+from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype, remove_stale_temp_files
 from .runtime import autocast as _autocast
 
 __all__ = [
     "TrainingError",
     "BadSlideError",
     "NonFiniteLossError",
+    "RunLockedError",
+    "ARCHITECTURE_FIELDS",
     "epoch_order",
     "train",
     "main_train",
@@ -94,6 +97,16 @@ METRIC_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_slides", "skipped
 
 #: Settings that may change on --resume without breaking the exact continuation.
 _RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_bad_slides", "out_dir", "data_dir"}
+
+#: ModelConfig fields that --resume refuses to change: they change the network's parameters
+#: (their names or shapes: width, head, n_classes, hidden_dim, attention_dim, instance_loss,
+#: whose instance classifiers are parameters) or what its forward pass computes (pool,
+#: pool_size, dropout), so the weights in last.pt would not fit or would mean something
+#: else. Every other change (lr, epochs, tile sizes, k_sample, bag_weight, ...) only
+#: changes how the run goes on: accepted, with a warning that it is no longer an exact
+#: continuation.
+ARCHITECTURE_FIELDS = ("width", "head", "n_classes", "hidden_dim", "attention_dim", "instance_loss", "pool",
+                       "pool_size", "dropout")
 
 # Streams of the per-run seed sequence: np.random.default_rng([seed, stream, ...]).
 _ORDER_STREAM, _SLIDE_STREAM = 1, 2
@@ -422,13 +435,72 @@ class _TensorBoard:
             self.writer.close()
 
 
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """{"model": {"width": 4}, "lr": 1} -> {"model.width": 4, "lr": 1}."""
+    flat = {k: v for k, v in config.items() if k != "model"}
+    model = config.get("model")
+    if isinstance(model, dict):
+        flat.update({f"model.{k}": v for k, v in model.items()})
+    return flat
+
+
 def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that differ ("key: old -> new"), model settings as "model.NAME"."""
+    stored, current = _flatten(stored), _flatten(current)
     changes = []
     for key in sorted(set(stored) | set(current)):
         if key in _RESUMABLE_CHANGES or stored.get(key) == current.get(key):
             continue
         changes.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
     return changes
+
+
+def _architecture_changes(stored_model: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """The :data:`ARCHITECTURE_FIELDS` that differ: "model.NAME (--option) old -> new"."""
+    return [f"model.{name} (--{name.replace('_', '-')}) {stored_model.get(name)!r} -> {model.get(name)!r}"
+            for name in ARCHITECTURE_FIELDS if stored_model.get(name) != model.get(name)]
+
+
+def _check_resume(ckpt: dict[str, Any], config: TrainConfig, last_path: Path) -> None:
+    """Refuse a resume that changes the network (:data:`ARCHITECTURE_FIELDS`), naming each
+    change; warn about other changes. Runs before anything is written."""
+    stored_model = ckpt.get("model_config")
+    if not isinstance(stored_model, dict):
+        raise TrainingError(f"{last_path} has no model_config; is it a StreamingCLAM checkpoint?")
+    refused = _architecture_changes(stored_model, dataclasses.asdict(config.model))
+    if refused:
+        raise TrainingError(
+            f"--resume cannot change how the network is built: the weights in {last_path} are of the run's "
+            f"network. Refused: {'; '.join(refused)}. Resume without these options (the run's config.json keeps "
+            f"its settings), or start a new run with another --out. Nothing was written")
+    changes = _config_changes(ckpt.get("train_config", {}), config.to_dict())
+    if changes:
+        logger.warning("resuming %s with changed settings (no longer an exact continuation): %s",
+                       last_path, "; ".join(changes))
+
+
+def _keep_previous_config(out: Path, config: TrainConfig) -> Path | None:
+    """Before config.json is rewritten with other settings, keep the old one beside it as
+    ``config.previous-<UTC time>.json``; returns that path (None when nothing changed)."""
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        if load_config(path) == config:
+            return None
+    except ValueError:
+        pass  # unreadable: keep its bytes all the same
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = out / f"config.previous-{stamp}.json"
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = out / f"config.previous-{stamp}-{n}.json"
+    data = path.read_bytes()
+    with atomic_write(kept, "wb") as f:
+        f.write(data)
+    logger.info("kept the previous settings of %s as %s", path, kept.name)
+    return kept
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -465,7 +537,7 @@ def _make_optimizer(model: StreamingCLAM, config: TrainConfig) -> torch.optim.Ad
 
 def _load_records(config: TrainConfig, info: DistInfo) -> tuple[list[SlideRecord], list[SlideRecord]]:
     """(training, validation) records; rank 0 writes the splits CSV, the others then read it."""
-    records = [r for r in discover(config.data_dir, exclude=config.exclude) if r.split != "test"]
+    records = discover(config.data_dir, exclude=config.exclude, include_test=False)  # no reference CSV needed
     if not records:
         raise TrainingError(f"no training slides under {config.data_dir} (expected training/normal, training/tumor)")
     splits_csv = config.resolved_splits_csv()
@@ -496,6 +568,7 @@ class _Run:
     val_records: list[SlideRecord]
     amp_dtype: torch.dtype | None
     progress: bool
+    lock: RunLock | None = None  # rank 0's lock of the run folder
 
     @property
     def out(self) -> Path:
@@ -503,20 +576,42 @@ class _Run:
 
 
 def _start_run(config: TrainConfig, resume: bool) -> _Run:
-    """Join the process group, read the splits, build (or restore) model, optimizer and state."""
+    """Join the process group, lock the run folder (rank 0), check a resume, read the
+    splits, build (or restore) model, optimizer and state.
+
+    Nothing is written to the run folder before the lock is held and a resume is checked
+    (:func:`_check_resume`); config.json is rewritten only after last.pt loaded into the
+    model and optimizer, its previous version kept (:func:`_keep_previous_config`). On an
+    error the lock is released.
+    """
     info, device = init_distributed(config.device)
     out = Path(config.out_dir)
+    lock = RunLock(out, "train").acquire() if info.is_main else None
+    try:
+        return _open_run(config, resume, info, device, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.device, lock: RunLock | None) -> _Run:
+    out = Path(config.out_dir)
     last_path = out / LAST
+    if not Path(config.data_dir).is_dir():  # before the network is built (and warns about its weights)
+        raise TrainingError(f"CAMELYON16 root not found: {config.data_dir} (--data)")
     if resume and not last_path.is_file():
         raise TrainingError(f"--resume: no {LAST} in {out} to resume from")
     if not resume and last_path.exists():
         raise TrainingError(f"{out} already holds {LAST}: pass --resume to continue that run, or choose another --out")
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(last_path, map_location=device)
+        _check_resume(ckpt, config, last_path)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out)
-    train_records, val_records = _load_records(config, info)
-    by_id = {r.slide_id: r for r in train_records}
+        remove_stale_temp_files(out)  # leftovers of a run killed mid-write (see runtime)
 
+    # the network first: a bad weight file stops the run before splits.csv is written
     torch.manual_seed(config.seed)  # the model's initialisation, the same on every process
     if resume:  # every weight comes from last.pt: no weight file needed, no random-init warning
         with quiet_random_init():
@@ -525,14 +620,15 @@ def _start_run(config: TrainConfig, resume: bool) -> _Run:
         model = build_model(config.model).to(device)
     optimizer = _make_optimizer(model, config)
     state = RunState()
-    if resume:
-        ckpt = load_checkpoint(last_path, map_location=device)
-        changes = _config_changes(ckpt.get("train_config", {}), config.to_dict())
-        if changes:
-            logger.warning("resuming %s with changed settings (no longer an exact continuation): %s",
-                           last_path, "; ".join(changes))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    train_records, val_records = _load_records(config, info)
+    by_id = {r.slide_id: r for r in train_records}
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainingError(f"{last_path} does not fit the configured network ({e}); resume with the run's "
+                                f"own settings (its config.json). Nothing was written") from e
         fields = {f.name for f in dataclasses.fields(RunState)}
         state = RunState(**{k: v for k, v in ckpt.items() if k in fields})
         if state.slide_index and ckpt.get("world_size", 1) != info.world_size:
@@ -552,6 +648,10 @@ def _start_run(config: TrainConfig, resume: bool) -> _Run:
     elif config.calibrate_bn and config.model.weights is None:
         n = calibrate_batchnorm(model.trunk.module, calibration_batch(model, train_records, config, device))
         logger.info("random trunk: set the statistics of %d frozen batch norms from training crops", n)
+    if info.is_main:
+        if resume:
+            _keep_previous_config(out, config)
+        save_config(config, out)
     broadcast_parameters(model, info)
 
     amp_dtype = _amp_dtype(config, device)
@@ -560,7 +660,7 @@ def _start_run(config: TrainConfig, resume: bool) -> _Run:
                 " with bf16 autocast" if amp_dtype is not None else "",
                 f", {info.world_size} processes" if info.enabled else "")
     progress = config.progress and info.is_main and sys.stderr.isatty()
-    return _Run(config, info, device, model, optimizer, state, by_id, val_records, amp_dtype, progress)
+    return _Run(config, info, device, model, optimizer, state, by_id, val_records, amp_dtype, progress, lock)
 
 
 def _train_epoch(run: _Run, epoch: int, phase: int, on_slide: Callable[[dict[str, Any]], None] | None) -> None:
@@ -679,12 +779,20 @@ def train(config: TrainConfig, resume: bool = False, *,
     Raises:
         BadSlideError: a slide is unusable and ``skip_bad_slides`` is off.
         NonFiniteLossError: a loss or gradient is NaN/inf (no checkpoint is written).
-        TrainingError: nothing to train on, nothing to resume, or a run folder in the way.
+        TrainingError: nothing to train on, nothing to resume, a run folder in the way, or a
+            resume that would change the network (:data:`ARCHITECTURE_FIELDS`).
+        RunLockedError: another run uses ``config.out_dir`` (its PID and host named).
+        DiskFullError: the disk filled up while writing a checkpoint (the previous one is intact).
     """
     validate_config(config)
     run = _start_run(config, resume)
     state = run.state
-    board = _TensorBoard(run.out, run.info.is_main)
+    try:
+        board = _TensorBoard(run.out, run.info.is_main)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
     try:
         with logging_redirect_tqdm() if run.progress else nullcontext():
             for epoch in tqdm(range(state.epoch, config.epochs), desc="epochs", initial=state.epoch,
@@ -699,6 +807,8 @@ def train(config: TrainConfig, resume: bool = False, *,
                 _finish_epoch(run, epoch, phase, factor, board)
     finally:
         board.close()
+        if run.lock is not None:
+            run.lock.release()
     barrier(run.info)
     final = state.history[-1] if state.history else {}
     return {
@@ -769,7 +879,10 @@ def main_train(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     args.quiet = args.quiet or verbosity() == QUIET
     config = validate_config(config_from_args(args))
     rank = int(os.environ.get("RANK", "0") or 0)
-    with run_log(Path(config.out_dir) / "train.log") if rank == 0 else nullcontext():
+    # rank 0 locks the run folder before train.log is opened: a refused second run must not
+    # write into the first run's log (train() takes the same lock again, re-entrantly)
+    with RunLock(config.out_dir, "train") if rank == 0 else nullcontext(), \
+            run_log(Path(config.out_dir) / "train.log") if rank == 0 else nullcontext():
         try:
             result = train(config, resume=args.resume)
         except Exception as e:

@@ -171,14 +171,47 @@ def _find_annotations(root: Path) -> dict[str, Path]:
     return found
 
 
+def _test_labels(root: Path) -> tuple[list[tuple[str, Path]], dict[str, int], Path | None]:
+    """(test slide files, reference labels, reference CSV) of a root; ({}, None) without test slides."""
+    tests = _slide_files(_resolve(root, "testing/images"), "test")
+    if not tests:
+        for candidate in REFERENCE_CSV_CANDIDATES:  # a reference CSV alone: every listed slide is missing
+            path = _resolve(root, candidate)
+            if path is not None and path.is_file():
+                return tests, read_reference_csv(path), path
+        return tests, {}, None
+    reference_path = _find_reference_csv(root)
+    return tests, read_reference_csv(reference_path), reference_path
+
+
+def missing_test_slides(root: str | os.PathLike, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Test slides that the reference CSV lists but ``testing/images`` lacks, sorted.
+
+    Slides in ``exclude`` do not count. Empty when there is no reference CSV and no test slide.
+    """
+    root = Path(root)
+    excluded = {_normalise_id(s) for s in exclude}
+    tests, reference, _ = _test_labels(root)
+    present = {slide_id for slide_id, _ in tests}
+    return sorted(s for s in reference if s not in present and s not in excluded)
+
+
 def discover(
-    root: str | os.PathLike, exclude: Iterable[str] = DEFAULT_EXCLUDE
+    root: str | os.PathLike, exclude: Iterable[str] = DEFAULT_EXCLUDE, include_test: bool = True,
+    warn_missing: bool = True,
 ) -> list[SlideRecord]:
     """All CAMELYON16 slides under `root` (layout in the module docstring), sorted by split and id.
 
     Training labels come from the folder (normal/tumor), test labels from the reference CSV
     (FileNotFoundError naming the places looked if test slides exist but no CSV; ValueError
     if a test slide has no row). Slides in `exclude` are dropped and logged.
+
+    Args:
+        include_test: False: the training slides only; the test folder and the reference
+            CSV are not looked at (training needs no test labels).
+        warn_missing: log a warning naming each test slide that the reference CSV lists but
+            the test folder lacks (:func:`missing_test_slides`); such slides are not in the
+            result. Evaluation checks them itself (an error unless bad slides are skipped).
     """
     root = Path(root)
     if not root.is_dir():
@@ -191,10 +224,8 @@ def discover(
         for slide_id, path in _slide_files(_resolve(root, f"training/{kind}"), kind):
             records.append(SlideRecord(slide_id, path, label, "train", annotations.get(slide_id)))
 
-    tests = _slide_files(_resolve(root, "testing/images"), "test")
-    if tests:
-        reference_path = _find_reference_csv(root)
-        reference = read_reference_csv(reference_path)
+    if include_test:
+        tests, reference, reference_path = _test_labels(root)
         missing = [s for s, _ in tests if s not in reference and s not in exclude]
         if missing:
             raise ValueError(f"{reference_path} has no label for {len(missing)} test "
@@ -202,11 +233,18 @@ def discover(
         for slide_id, path in tests:
             label = reference.get(slide_id, -1)  # -1 only for excluded slides, dropped below
             records.append(SlideRecord(slide_id, path, label, "test", annotations.get(slide_id)))
+        present = {slide_id for slide_id, _ in tests}
+        absent = sorted(s for s in reference if s not in present and s not in exclude)
+        if absent and warn_missing:
+            for slide_id in absent:
+                logger.warning("%s lists %s, but %s holds no such slide file; it is not among the test slides",
+                               reference_path, slide_id, root / "testing" / "images")
 
     if not records:
+        where = "training/normal/normal_*.tif, training/tumor/tumor_*.tif"
         raise FileNotFoundError(
-            f"no CAMELYON16 slides under {root}: expected training/normal/normal_*.tif, "
-            f"training/tumor/tumor_*.tif and/or testing/images/test_*.tif"
+            f"no CAMELYON16 slides under {root}: expected {where}"
+            + (" and/or testing/images/test_*.tif" if include_test else " (training slides)")
         )
     kept = []
     for r in records:

@@ -30,7 +30,14 @@ Box = tuple[int, int, int, int]  # (y, x, h, w): top-left corner and size, in pi
 
 
 class NoTissueError(ValueError):
-    """The tissue mask is empty: nothing to crop or to train on."""
+    """No tissue found: the tissue mask is empty, or the image has no colour to find it by."""
+
+
+#: A thumbnail is "colourless" when 99.9% of its pixels have a saturation at most
+#: min_saturation, and "has content" when its brightness spans more than this (0..1) between
+#: its 1% and 99% quantiles: both together mean a grayscale (or unstained) image with
+#: something on it, which saturation-based detection cannot see. Blank glass has no content.
+_CONTENT_SPAN = 0.1
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -86,8 +93,21 @@ def tissue_mask(
     3. Fill holes (background pieces not touching the border) of at most `max_hole_area`
        thumbnail pixels; larger holes (fat, lumina) stay background.
     Areas are in thumbnail pixels, so choose them for the thumbnail's scale.
+
+    Raises:
+        NoTissueError: the image is grayscale (or unstained) but not blank: detection by
+            saturation cannot work on it, so the message says so instead of returning an
+            empty mask that would read as "blank slide". A blank image gives an empty mask.
     """
     s = saturation(rgb_thumbnail)
+    if np.quantile(s, 0.999) <= min_saturation:
+        value = rgb_thumbnail.max(axis=2) / 255.0  # HSV value
+        lo, hi = np.quantile(value, [0.01, 0.99])
+        if hi - lo > _CONTENT_SPAN:
+            raise NoTissueError(
+                f"the image has no colour saturation (99.9% of its pixels have HSV saturation <= {min_saturation}) "
+                f"but does have content (brightness from {lo:.2f} to {hi:.2f}): a grayscale or unstained scan? "
+                f"Tissue detection finds stained tissue by its saturation; give an RGB scan of the stained slide")
     t = max(otsu_threshold(s), min_saturation)
     mask = s > t
 
