@@ -9,6 +9,7 @@ decoded once per step.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -232,6 +233,36 @@ def test_a_failed_band_read_is_raised_by_the_reads_that_need_it():
             crop.read(4, 0, 4, 5)
 
 
+def test_a_read_ahead_of_the_filler_decodes_its_own_bands():
+    """The filler is stuck in the first band (a slow decode); a read of the last rows does not
+    wait for it (a vertically flipped view starts there)."""
+    gate = threading.Event()
+
+    class SlowTop(ArrayImage):
+        def read(self, y, x, h, w):
+            if y == 0:
+                assert gate.wait(10), "the read of the last rows waited for the first band"
+            return super().read(y, x, h, w)
+
+    image = np.random.default_rng(0).integers(0, 256, (3, 12, 5), dtype=np.uint8)
+    with CropCache.open(SlowTop(image), "device", CPU, band_bytes=3 * 3 * 5) as crop:  # bands of 3 rows
+        np.testing.assert_array_equal(crop.read(9, 0, 3, 5).numpy(), image[:, 9:])
+        gate.set()
+        np.testing.assert_array_equal(crop.fill().read(0, 0, 12, 5).numpy(), image)
+
+
+def test_concurrent_reads_decode_every_band_once():
+    image = np.random.default_rng(0).integers(0, 256, (3, 90, 40), dtype=np.uint8)
+    source = CountingImage(image)
+    regions = [tuple(int(v) for v in r) for r in np.random.default_rng(1).integers(0, 60, (64, 4))]
+    with CropCache.open(source, "device", CPU, band_bytes=4 * 3 * 40) as crop, ThreadPoolExecutor(8) as pool:
+        tiles = list(pool.map(lambda region: crop.read(*region).numpy(), regions))  # re-raises a failed read
+        crop.fill()
+    for region, tile in zip(regions, tiles, strict=True):
+        np.testing.assert_array_equal(tile, ArrayImage(image).read(*region))
+    assert (source.counts == 1).all()
+
+
 def test_a_closed_cache_refuses_reads_and_frees_its_buffer():
     crop = CropCache.open(ArrayImage(np.zeros((3, 8, 8), np.uint8)), "device", CPU)
     with crop:
@@ -246,9 +277,10 @@ def test_a_bad_band_is_named():
         def read(self, y, x, h, w):
             return super().read(y, x, h, w)[:, :, :-1]
 
-    with CropCache.open(Short(np.zeros((3, 4, 4), np.uint8)), "device", CPU) as crop:
-        with pytest.raises(ValueError, match=r"returned uint8 of shape \(3, 4, 3\), expected uint8 of shape \(3, 4, 4\)"):
-            crop.read(0, 0, 1, 1)
+    expected = r"returned uint8 of shape \(3, 4, 3\), expected uint8 of shape \(3, 4, 4\)"
+    with CropCache.open(Short(np.zeros((3, 4, 4), np.uint8)), "device", CPU) as crop, \
+            pytest.raises(ValueError, match=expected):
+        crop.read(0, 0, 1, 1)
 
 
 # ----------------------------------------------------------------------------- a training step

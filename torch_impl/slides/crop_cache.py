@@ -10,10 +10,13 @@ one (3, H, W) uint8 buffer, and answers every tile read with a slice of it:
         model(DeviceAugmentedView(crop, params, device), mask, label)   # forward + backward
 
 Filling. A background thread starts at :meth:`CropCache.open` and fills the buffer band by
-band from the top, the order in which the forward pass's tile plan runs; a read waits only
-for the bands it covers, so decoding overlaps the forward pass's compute. A device buffer is
-filled through one band of host memory at a time (on CUDA, copied on a side stream). A
-failed band read is raised, as it was raised, by every read that needs it.
+band from the top, the order in which the forward pass's tile plan runs, so decoding
+overlaps the forward pass's compute. A read needs only the bands it covers: one not there
+yet is decoded by the reading thread itself (a vertically flipped view starts at the last
+bands), and each band is decoded once, by whichever thread needs it first. A device buffer
+is filled through host memory of one band per decoding thread (on CUDA, copied on a side
+stream). A failed band read is raised, as it was raised, by every read of a band not yet
+decoded.
 
 Tiers (``mode``):
 
@@ -48,14 +51,13 @@ import os
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any
 
 import numpy as np
 import torch
 
 from .slide import ImageSource
 
-__all__ = ["CropCache", "MODES", "available_host_memory", "choose_mode", "free_device_memory"]
+__all__ = ["MODES", "CropCache", "available_host_memory", "choose_mode", "free_device_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +155,17 @@ class CropCache:
         self._buffer: torch.Tensor | None = None
         self._bands = [(r, min(r + band_rows, H)) for r in range(0, H, band_rows)]
         self._band_rows = band_rows
-        self._ready = [threading.Event() for _ in self._bands]
-        self._filled = 0  # bands [0, _filled) hold their pixels
-        self._error: BaseException | None = None
+        self._locks = [threading.Lock() for _ in self._bands]  # held while the band is decoded
+        self._loaded = [False] * len(self._bands)
+        self._error: BaseException | None = None  # the first failed band read
         self._closing = threading.Event()
         self._filler: threading.Thread | None = None
+        self._stream: torch.cuda.Stream | None = None  # band copies to a GPU
         if mode != "none":
             self._buffer = torch.empty(self._shape, dtype=torch.uint8, device=device if mode == "device" else "cpu")
+            if self._buffer.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self._buffer.device)
+                self._stream.wait_stream(torch.cuda.current_stream(self._buffer.device))  # after the allocation
             self._filler = threading.Thread(target=self._fill, name="crop-cache-fill", daemon=True)
             self._filler.start()
 
@@ -252,41 +258,49 @@ class CropCache:
 
     # ------------------------------------------------------------------ filling
     def _wait(self, y0: int, y1: int) -> None:
-        """Block until rows [y0, y1) are in the buffer; raise the fill's error if they never will be."""
-        for k in range((y0 // self._band_rows), (y1 - 1) // self._band_rows + 1):
-            self._ready[k].wait()
-            if k >= self._filled:
-                if self._error is not None:
-                    raise self._error
-                raise RuntimeError(f"{self!r} was closed while rows {y0}-{y1} were being read")
+        """Return once rows [y0, y1) are in the buffer, decoding the bands not yet there."""
+        for k in range(y0 // self._band_rows, (y1 - 1) // self._band_rows + 1):
+            self._ensure(k)
+
+    def _ensure(self, k: int) -> None:
+        """Band ``k`` in the buffer: decoded by whichever thread needs it first (the filler, or a
+        read that got ahead of it, e.g. the first tile of a vertically flipped view needs the
+        last bands); the others wait for it. After a failed band read, raises that error."""
+        if self._loaded[k]:
+            return
+        with self._locks[k]:
+            if self._loaded[k]:
+                return
+            if self._error is not None:
+                raise self._error
+            if self._closing.is_set():
+                raise RuntimeError(f"{self!r} was closed while it was being read")
+            r0, r1 = self._bands[k]
+            try:
+                band = self._read_band(r0, r1)
+                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                    self._buffer[:, r0:r1].copy_(band)
+                    if self._stream is not None:
+                        self._stream.synchronize()  # on the GPU before any reader slices it
+            except BaseException as error:
+                self._error = error
+                raise
+            self._loaded[k] = True
 
     def _fill(self) -> None:
-        """The filler thread: read band after band into the buffer, in order."""
-        buffer, start = self._buffer, time.perf_counter()
-        cuda = buffer.device.type == "cuda"
-        stream = torch.cuda.Stream(buffer.device) if cuda else None
-        try:
-            with torch.cuda.device(buffer.device) if cuda else nullcontext():
-                if stream is not None:
-                    stream.wait_stream(torch.cuda.current_stream())  # the buffer's allocation is ordered there
-                with torch.cuda.stream(stream) if cuda else nullcontext():
-                    for k, (r0, r1) in enumerate(self._bands):
-                        if self._closing.is_set():
-                            return
-                        buffer[:, r0:r1].copy_(self._read_band(r0, r1))
-                        if stream is not None:
-                            stream.synchronize()  # on the GPU before any reader slices it
-                        self._filled = k + 1
-                        self._ready[k].set()
-            C, H, W = self._shape
-            seconds = time.perf_counter() - start
-            logger.debug("slide cache filled %d x %d px in %.2f s (%.0f Mpx/s)", H, W, seconds,
-                         H * W / max(seconds, 1e-9) / 1e6)
-        except BaseException as error:  # noqa: BLE001 - handed to the readers, who raise it
-            self._error = error
-        finally:
-            for event in self._ready:  # wake every reader: it finds the band, the error or the close
-                event.set()
+        """The filler thread: every band from the top (the forward pass's order), until closed."""
+        start = time.perf_counter()
+        for k in range(len(self._bands)):
+            if self._closing.is_set():
+                return
+            try:
+                self._ensure(k)
+            except BaseException:  # noqa: BLE001 - stored in self._error; the reads that need the band raise it
+                return
+        _, H, W = self._shape
+        seconds = time.perf_counter() - start
+        logger.debug("slide cache filled %d x %d px in %.2f s (%.0f Mpx/s)", H, W, seconds,
+                     H * W / max(seconds, 1e-9) / 1e6)
 
     def _read_band(self, r0: int, r1: int) -> torch.Tensor:
         """(3, r1 - r0, W) uint8 host tensor of rows [r0, r1), checked."""
@@ -315,7 +329,7 @@ class CropCache:
     def __enter__(self) -> CropCache:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -68,8 +68,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ACCEPTED_PIXELS = "uint8 (0-255) or float16/32/64 in [0, 1]"
 _FLOAT_PIXELS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: The torch dtypes of those, by their NumPy names (tensor tiles are checked like arrays).
-_TORCH_PIXELS = {torch.uint8: np.dtype(np.uint8), **{
-    torch.float16: _FLOAT_PIXELS[0], torch.float32: _FLOAT_PIXELS[1], torch.float64: _FLOAT_PIXELS[2]}}
+_TORCH_PIXELS = {torch.uint8: np.dtype(np.uint8), torch.float16: np.dtype(np.float16),
+                 torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 class LazySourceError(ValueError):
@@ -126,11 +126,15 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device``: itself if already there, host tensors through pinned memory
-    (:func:`pinned`) and a non-blocking copy, so that the calling thread does not wait for it."""
+    (:func:`pinned`) and a non-blocking copy, so that the calling thread does not wait for it.
+
+    Only host-to-device copies are non-blocking: a non-blocking copy to the host could be
+    read before it has arrived.
+    """
     device = torch.device(device)
     if tensor.device.type == "cpu" and device.type == "cuda":
         tensor = pinned(tensor)
-    return tensor.to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
 
 
 class TensorSource:
