@@ -5,8 +5,8 @@ contains the fragment, which names what is wrong and, where it helps, what to do
 Add a row for every new failure mode.
 
 Lazy sources are checked tile by tile against their contract (:mod:`torch_impl.streaming.sources`):
-``.shape == (C, H, W)``; ``.read(y, x, h, w)`` (or slicing) returns an array (C, h, w) of
-uint8, or of float16/32/64 in [0, 1]; the dtype a source declares is the dtype it returns.
+``.shape == (C, H, W)``; ``.read(y, x, h, w)`` (or slicing) returns an array or a tensor
+(C, h, w) of uint8, or of float16/32/64 in [0, 1]; the dtype a source declares is the dtype it returns.
 A broken tile names the source and the region (y, x, h, w).
 """
 
@@ -145,6 +145,24 @@ CASES = [
          "returned dtype int16"),
     Case("tile dtype differs from the declared one", lambda: streamed()(Source("liar", lambda t: t / 255.0, dtype=np.uint8)),
          LazySourceError, "returned dtype float64 but declares .dtype uint8"),
+    # ---- lazy sources returning tensors: checked like arrays (the [0, 1] range on the host only)
+    Case("tensor read one row short", lambda: streamed()(Source("t-short", lambda t: torch.from_numpy(t[:, :-1]))),
+         LazySourceError, f"Source('t-short'), region {FIRST_REGION}: returned an array of shape "
+         f"(3, {FIRST_H - 1}, {FIRST_W}), expected (C, h, w) = (3, {FIRST_H}, {FIRST_W})"),
+    Case("int16 tensor tile", lambda: streamed()(Source("t-i16", lambda t: torch.from_numpy(t.astype(np.int16)))),
+         LazySourceError, "returned dtype torch.int16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]"),
+    Case("bfloat16 tensor tile", lambda: streamed()(Source("t-bf16", lambda t: torch.from_numpy(t / 255.0).bfloat16())),
+         LazySourceError, "returned dtype torch.bfloat16; a lazy source returns"),
+    Case("float tensor 0-255", lambda: streamed()(Source("t-f255", lambda t: torch.from_numpy(t.astype(np.float32)))),
+         LazySourceError, "float pixels must lie in [0, 1], got values in [0, 255]"),
+    Case("tensor dtype differs from the declared one",
+         lambda: streamed()(Source("t-liar", lambda t: torch.from_numpy(t / 255.0), dtype=np.uint8)),
+         LazySourceError, "returned dtype torch.float64 but declares .dtype uint8"),
+    # ---- read-ahead settings
+    Case("prefetch negative", lambda: streamed(prefetch=-1), ValueError, "prefetch must be an int >= 0, got -1"),
+    Case("prefetch float", lambda: streamed(prefetch=1.5), ValueError, "prefetch must be an int >= 0, got 1.5"),
+    Case("read_threads zero", lambda: streamed(read_threads=0), ValueError, "read_threads must be an int >= 1, got 0"),
+    Case("read_threads bool", lambda: streamed(read_threads=True), ValueError, "read_threads must be an int >= 1, got True"),
 ]
 
 

@@ -5,6 +5,9 @@ The oracle is the same torch module run on the whole image with ordinary autogra
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,7 @@ from reference.geometry import compose, parallel
 from reference.tiling import min_tile_size
 from torch_impl.streaming.geometry import UnsupportedModuleError, module_geometry, register_geometry
 from torch_impl.streaming import StreamingTrunk, to_model_input
+from torch_impl.streaming.sources import LazySource, prefetched
 from tests.helpers import ArrayRegions, randomize_batchnorm, relative_error
 
 
@@ -331,3 +335,114 @@ def test_suggest_tile_sizes_fit_the_budget_and_the_image():
     assert fitted[0] <= forward and fitted[1] <= backward
     with pytest.raises(ValueError, match="memory_bytes"):
         suggest_tile_sizes(trunk)
+
+
+# ----------------------------------------------------------------------------- tensor tiles, read-ahead
+class TensorRegions:
+    """A lazy source over a (C, H, W) tensor: ``read`` returns slices of it (views, not contiguous)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.shape = tensor, tuple(tensor.shape)
+
+    def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        return self.tensor[:, y:y + h, x:x + w]
+
+
+def _small_trunk() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1)).double()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_tensor_tiles_stream_like_array_tiles(dtype):
+    """A source returning tensor slices gives the output and gradients of the same pixels as arrays, bit for bit."""
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 61, 47), dtype=np.uint8)
+    pixels = pixels if dtype == np.uint8 else (pixels / 255.0).astype(dtype)
+    trunk = _small_trunk()
+    results = []
+    for source in (ArrayRegions(pixels), TensorRegions(torch.from_numpy(pixels))):
+        y = StreamingTrunk(trunk, 24)(source)
+        results.append((y.detach(), torch.autograd.grad(y.square().sum(), list(trunk.parameters()))))
+    (y_array, g_array), (y_tensor, g_tensor) = results
+    assert torch.equal(y_tensor, y_array)
+    for a, b in zip(g_tensor, g_array):
+        assert torch.equal(a, b)
+
+
+def test_a_tensor_tile_is_used_where_it_is():
+    """No host round trip: a tensor tile keeps its device and, without CUDA, its memory; the
+    [0, 1] range of floats is not checked off the host (a 'meta' tensor has no values to check)."""
+    tile = StreamingTrunk(_small_trunk(), 24).plan((61, 47)).tiles[1]
+    rows, cols = tile.input_slices
+
+    class MetaRegions:
+        shape = (3, 61, 47)
+
+        def read(self, y, x, h, w):
+            return torch.empty((3, h, w), dtype=torch.float32, device="meta")
+
+    got = LazySource(MetaRegions()).read(tile)
+    assert got.device.type == "meta" and tuple(got.shape) == (1, 3, rows.stop - rows.start, cols.stop - cols.start)
+    if not torch.cuda.is_available():  # with CUDA host tiles are copied into pinned memory
+        host = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 61, 47), dtype=np.uint8))
+        got = LazySource(TensorRegions(host)).read(tile)
+        assert got.untyped_storage().data_ptr() == host.untyped_storage().data_ptr()
+
+
+class RecordingRegions(ArrayRegions):
+    """ArrayRegions that also records which thread read each region (thread-safe)."""
+
+    def __init__(self, array: np.ndarray):
+        super().__init__(array)
+        self.threads: list[str] = []
+        self.lock = threading.Lock()
+
+    def read(self, y, x, h, w):
+        with self.lock:
+            self.threads.append(threading.current_thread().name)
+            return super().read(y, x, h, w)
+
+
+@pytest.mark.parametrize("depth, threads", [(0, 1), (1, 1), (2, 1), (3, 2)])
+def test_prefetch_reads_up_to_depth_tiles_ahead_in_order(depth, threads):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 61, 47), dtype=np.uint8)
+    source = RecordingRegions(pixels)
+    tiles = StreamingTrunk(_small_trunk(), 16).plan((61, 47)).tiles
+    assert len(tiles) > depth + 2
+    for i, (tile, got) in enumerate(prefetched(LazySource(source), tiles, depth, threads)):
+        assert tile is tiles[i]
+        rows, cols = tile.input_slices
+        np.testing.assert_array_equal(got[0].numpy(), pixels[:, rows, cols])
+        ahead = min(i + 1 + depth, len(tiles))
+        deadline = time.monotonic() + 10
+        while len(source.reads) < ahead and time.monotonic() < deadline:
+            time.sleep(0.001)  # the background reads are on their way
+        assert len(source.reads) == ahead  # never more than `depth` tiles ahead, and that many
+    if depth == 0:
+        assert set(source.threads) == {threading.current_thread().name}
+    else:
+        assert threading.current_thread().name not in source.threads
+
+
+def test_prefetch_stops_reading_when_the_caller_stops():
+    source = RecordingRegions(np.zeros((3, 61, 47), np.uint8))
+    tiles = StreamingTrunk(_small_trunk(), 16).plan((61, 47)).tiles
+    reader = prefetched(LazySource(source), tiles, depth=2)
+    next(reader)
+    reader.close()  # waits for the reads in flight, cancels the rest
+    assert len(source.reads) <= 3
+    time.sleep(0.05)
+    assert len(source.reads) <= 3
+
+
+def test_read_ahead_settings_do_not_change_the_result():
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 61, 47), dtype=np.uint8)
+    trunk = _small_trunk()
+    results = []
+    for prefetch, read_threads in [(0, 1), (1, 1), (2, 1), (4, 3)]:
+        y = StreamingTrunk(trunk, 16, prefetch=prefetch, read_threads=read_threads)(ArrayRegions(pixels))
+        results.append((y.detach(), torch.autograd.grad(y.square().sum(), list(trunk.parameters()))))
+    for y, grads in results[1:]:
+        assert torch.equal(y, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            assert torch.equal(a, b)

@@ -1,21 +1,28 @@
 """Where the streaming engine's tiles come from: a tensor, or a lazy source read on demand.
 
 A *lazy source* is any object with ``.shape == (C, H, W)`` and either
-``.read(y, x, h, w) -> array (C, h, w)`` or NumPy-style slicing ``source[:, y0:y1, x0:x1]``
-(a memory map, a zarr array, a whole-slide reader). Its tiles are read on demand, the next
-one in a background thread while the current one computes (:func:`prefetched`), pinned
-when a GPU is present so that the copy to it can overlap compute, and normalised on the
-device (:func:`to_model_input`), so host memory is O(tile), not O(image).
+``.read(y, x, h, w) -> (C, h, w)`` or NumPy-style slicing ``source[:, y0:y1, x0:x1]``
+(a memory map, a zarr array, a whole-slide reader, a view that returns tiles already on the
+GPU). Its tiles are read on demand, a few tiles ahead by a thread pool while the current
+one computes (:func:`prefetched`), host tiles pinned when a GPU is present so that their
+copy to it can overlap compute, and normalised on the device (:func:`to_model_input`), so
+host memory is O(tile), not O(image).
 
 The lazy-source contract, checked when the source is wrapped and on every tile read (a
 break raises :class:`LazySourceError`, naming the source and, for a tile, its region):
 
 * ``.shape`` is (C, H, W): three positive ints, channels first;
-* a read returns an array (C, h, w), exactly the requested region;
-* of dtype uint8 (0-255, scaled by 1/255) or float16/32/64 with values in [0, 1] (one
-  min/max per float tile: values outside, such as 0-255 floats, and NaN fail); any other
-  dtype (uint16, int16, bool, ...) is refused, as the engine cannot know its scale;
-* a source that declares ``.dtype`` returns tiles of that dtype.
+* a read returns a NumPy array or a torch tensor (on any device) of shape (C, h, w),
+  exactly the requested region;
+* of dtype uint8 (0-255, scaled by 1/255) or float16/32/64 with values in [0, 1]; any other
+  dtype (uint16, int16, bool, bfloat16, ...) is refused, as the engine cannot know its scale;
+* a source that declares ``.dtype`` (a NumPy dtype) returns tiles of that dtype.
+
+The [0, 1] range of float tiles is checked (one min/max per tile: values outside, such as
+0-255 floats, and NaN fail) for arrays and host tensors only: on a GPU tensor the min/max
+would make the reading thread wait for the GPU on every tile. Device tiles are used where
+they are, without a round trip through the host; a source that computes them (e.g. the
+slides' device augmentation) returns uint8, which needs no range check.
 
 A tensor input (N, C, H, W) is used as given, so it must be floating point, in the
 trunk's dtype unless autocast is on.
@@ -29,8 +36,10 @@ to the first convolution.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from numbers import Integral
 from typing import Any
 
@@ -46,7 +55,9 @@ __all__ = [
     "LazySourceError",
     "TensorSource",
     "as_source",
+    "pinned",
     "prefetched",
+    "to_device",
     "to_model_input",
 ]
 
@@ -56,6 +67,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: What a lazy source may return, in words for error messages, and the float dtypes of it.
 ACCEPTED_PIXELS = "uint8 (0-255) or float16/32/64 in [0, 1]"
 _FLOAT_PIXELS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: The torch dtypes of those, by their NumPy names (tensor tiles are checked like arrays).
+_TORCH_PIXELS = {torch.uint8: np.dtype(np.uint8), torch.float16: np.dtype(np.float16),
+                 torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 class LazySourceError(ValueError):
@@ -95,6 +109,32 @@ def to_model_input(
             std, dtype=dtype, device=x.device
         ).view(shape)
     return x
+
+
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A host ``tensor`` in page-locked memory, contiguous, when CUDA is present (so that its
+    copy to the GPU can be non-blocking); a copy unless it already is. Without CUDA, ``tensor``.
+
+    The pinned block comes from torch's caching host allocator, which keeps it from being
+    reused until every copy out of it has finished.
+    """
+    if not torch.cuda.is_available() or (tensor.is_pinned() and tensor.is_contiguous()):
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return out.copy_(tensor)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``: itself if already there, host tensors through pinned memory
+    (:func:`pinned`) and a non-blocking copy, so that the calling thread does not wait for it.
+
+    Only host-to-device copies are non-blocking: a non-blocking copy to the host could be
+    read before it has arrived.
+    """
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = pinned(tensor)
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
 
 
 class TensorSource:
@@ -180,49 +220,59 @@ class LazySource:
         return dtype
 
     def read(self, tile: Tile) -> torch.Tensor:
-        """(1, C, h, w) host tensor of the tile's input region, pinned when a GPU is present."""
+        """(1, C, h, w) tensor of the tile's input region: where the source returned it (a
+        device tensor stays on its device), host tiles pinned when a GPU is present."""
         rows, cols = tile.input_slices
         region = (rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)  # (y, x, h, w)
         if hasattr(self.source, "read"):
             pixels = self.source.read(*region)
         else:
             pixels = self.source[:, rows, cols]
-        tensor = torch.from_numpy(self._checked(pixels, region))[None]  # (1, C, h, w)
-        if torch.cuda.is_available():
-            tensor = tensor.pin_memory()  # lets the copy to the GPU overlap compute
+        pixels = self._checked(pixels, region)
+        tensor = (pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels))[None]  # (1, C, h, w)
+        if tensor.device.type == "cpu":
+            tensor = pinned(tensor)  # lets the copy to the GPU overlap compute
         return tensor
 
-    def _checked(self, pixels: Any, region: tuple[int, int, int, int]) -> np.ndarray:
-        """One read's ``pixels``, C-contiguous; LazySourceError if they break the contract."""
+    def _checked(self, pixels: Any, region: tuple[int, int, int, int]) -> np.ndarray | torch.Tensor:
+        """One read's ``pixels``, as a tensor or a C-contiguous array; LazySourceError if they
+        break the contract. The [0, 1] range of floats is checked on the host only (module docstring)."""
         where = f"{self.name}, region (y, x, h, w) = {region}"
         want = (self.channels, *region[2:])
         if pixels is None:
             raise LazySourceError(f"{where}: returned None instead of an array (C, h, w) = {want}")
-        array = np.ascontiguousarray(pixels)  # may still be the source's memory: the engine copies before use
-        if array.shape != want:
+        if isinstance(pixels, torch.Tensor):
+            # the engine copies before use (to_model_input or StreamingTrunk._prepare)
+            tile, dtype, dtype_name = pixels, _TORCH_PIXELS.get(pixels.dtype), str(pixels.dtype)
+        else:
+            tile = np.ascontiguousarray(pixels)  # may still be the source's memory: the engine copies before use
+            dtype, dtype_name = tile.dtype, str(tile.dtype)
+        shape = tuple(tile.shape)
+        if shape != want:
             hint = ""
-            if array.shape == (*want[1:], want[0]):
+            if shape == (*want[1:], want[0]):
                 hint = "; (h, w, C) layout? Return channels first: array.transpose(2, 0, 1)"
-            elif array.ndim == 3 and array.shape[1:] == want[1:]:
-                hint = f"; returned {array.shape[0]} channels, the source declares {want[0]}"
+            elif len(shape) == 3 and shape[1:] == want[1:]:
+                hint = f"; returned {shape[0]} channels, the source declares {want[0]}"
             raise LazySourceError(
-                f"{where}: returned an array of shape {array.shape}, expected (C, h, w) = {want}{hint}"
+                f"{where}: returned an array of shape {shape}, expected (C, h, w) = {want}{hint}"
             )
-        if self.dtype is not None and array.dtype != self.dtype:
-            raise LazySourceError(f"{where}: returned dtype {array.dtype} but declares .dtype {self.dtype}")
-        if not _accepted(array.dtype):
+        if self.dtype is not None and dtype != self.dtype:
+            raise LazySourceError(f"{where}: returned dtype {dtype_name} but declares .dtype {self.dtype}")
+        if dtype is None or not _accepted(dtype):
             raise LazySourceError(
-                f"{where}: returned dtype {array.dtype}; a lazy source returns {ACCEPTED_PIXELS}: convert "
+                f"{where}: returned dtype {dtype_name}; a lazy source returns {ACCEPTED_PIXELS}: convert "
                 "its pixels (e.g. scale uint16 to uint8, or to float in [0, 1])"
             )
-        if array.dtype != np.uint8:
-            low, high = array.min(), array.max()
+        on_host = not isinstance(tile, torch.Tensor) or tile.device.type == "cpu"
+        if dtype != np.uint8 and on_host:
+            low, high = float(tile.min()), float(tile.max())
             if not (low >= 0 and high <= 1):  # also False for NaN
                 raise LazySourceError(
                     f"{where}: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
                     "(0-255 values: return uint8, or divide by 255)"
                 )
-        return array
+        return tile
 
 
 def as_source(
@@ -233,16 +283,31 @@ def as_source(
     return TensorSource(x, dtype, device_type) if isinstance(x, torch.Tensor) else LazySource(x)
 
 
-def prefetched(source: TensorSource | LazySource, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
-    """Yield (tile, pixels) in order; a lazy source reads the next tile in the background."""
-    if not source.lazy:
+def prefetched(
+    source: TensorSource | LazySource, tiles: Sequence[Tile], depth: int = 2, threads: int = 1
+) -> Iterator[tuple[Tile, torch.Tensor]]:
+    """Yield (tile, pixels) in the order of ``tiles``; a lazy source is read ahead.
+
+    While the caller computes on one tile, the next ``depth`` tiles are being read by a pool
+    of ``threads`` threads (a queue of ``depth`` pending reads, refilled as tiles are taken),
+    so host memory holds at most ``depth + 1`` tiles. ``depth`` 0 reads each tile when it is
+    needed, in the caller's thread. With ``threads > 1`` reads run concurrently, so the
+    source's ``read`` must be thread-safe (OpenSlide's is; a reader that seeks a shared file
+    handle is not). Tensor sources are sliced in the caller's thread.
+    """
+    if not source.lazy or depth == 0:
         for tile in tiles:
             yield tile, source.read(tile)
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(source.read, tiles[0])
-        for i, tile in enumerate(tiles):
-            pixels = pending.result()
-            if i + 1 < len(tiles):
-                pending = pool.submit(source.read, tiles[i + 1])
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-reader")
+    upcoming = iter(tiles)
+    pending = deque((tile, pool.submit(source.read, tile)) for tile in islice(upcoming, depth))
+    try:
+        while pending:
+            tile, future = pending.popleft()
+            pixels = future.result()
+            for following in islice(upcoming, 1):
+                pending.append((following, pool.submit(source.read, following)))
             yield tile, pixels
+    finally:  # also when the caller stops early or raises: drop the reads not yet started
+        pool.shutdown(wait=True, cancel_futures=True)

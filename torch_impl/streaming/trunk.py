@@ -29,6 +29,7 @@ sources check the input's dtype and each lazy read against the contract.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -56,6 +57,10 @@ class StreamingTrunk(nn.Module):
             [0, 1], :func:`~torch_impl.streaming.sources.to_model_input`); tensors are used as given.
         channels_last: convert tiles to channels-last memory format (faster on CUDA with
             a channels-last module).
+        prefetch: lazy inputs: tiles read ahead while one computes (0: read each tile when
+            needed); host memory holds ``prefetch + 1`` tiles.
+        read_threads: lazy inputs: threads reading those tiles; more than 1 needs a
+            thread-safe ``read`` (see :func:`~torch_impl.streaming.sources.prefetched`).
     """
 
     def __init__(
@@ -66,6 +71,8 @@ class StreamingTrunk(nn.Module):
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
         channels_last: bool = False,
+        prefetch: int = 2,
+        read_threads: int = 1,
     ):
         super().__init__()
         self.module = module
@@ -77,6 +84,10 @@ class StreamingTrunk(nn.Module):
         self.backward_tile_size = backward_tile_size if backward_tile_size is not None else tile_size
         self.mean, self.std = mean, std
         self.channels_last = channels_last
+        for name, value, least in (("prefetch", prefetch, 0), ("read_threads", read_threads, 1)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        self.prefetch, self.read_threads = int(prefetch), int(read_threads)
 
     # ------------------------------------------------------------------ plans and tiles
     def plan(self, image_size: Sequence[int], backward: bool = False) -> TilePlan:
@@ -96,7 +107,8 @@ class StreamingTrunk(nn.Module):
         return None
 
     def _prepare(self, pixels: torch.Tensor, lazy: bool, device: torch.device) -> torch.Tensor:
-        """The network input of one tile on ``device``, never sharing memory with ``pixels``."""
+        """The network input of one tile on ``device``, never sharing memory with ``pixels``
+        (host or device tensor; a tile already on ``device`` is not moved)."""
         x = pixels.to(device, non_blocking=True)
         if lazy:
             # into the trunk's dtype (autocast casts later)
@@ -112,7 +124,7 @@ class StreamingTrunk(nn.Module):
     def _tiles(self, source: TensorSource | LazySource, plan: TilePlan, device: torch.device
                ) -> Iterator[tuple[Tile, torch.Tensor]]:
         """Yield (tile, network input on ``device``) for every tile of ``plan``."""
-        for tile, pixels in prefetched(source, plan.tiles):
+        for tile, pixels in prefetched(source, plan.tiles, self.prefetch, self.read_threads):
             yield tile, self._prepare(pixels, source.lazy, device)
 
     # ------------------------------------------------------------------ the two passes

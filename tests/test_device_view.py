@@ -1,0 +1,357 @@
+"""The device data path: augmentation in torch (DeviceAugmentedView) and the crop cache (CropCache).
+
+Oracles: the NumPy augmentation (``AugmentedView``, the readable reference, and the NumPy
+transform of the whole image), the source's own pixels, and the uncached training step
+(gradients bit for bit on the CPU). Read counts show that with the cache each pixel is
+decoded once per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from torch_impl.models.streaming_clam import ModelConfig, build_model
+from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
+from torch_impl.slides.crop_cache import CropCache, choose_mode
+from torch_impl.slides.device_view import DeviceAugmentedView
+from torch_impl.slides.inputs import open_slide_input
+from torch_impl.slides.slide import ArrayImage
+from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- helpers
+def whole_image_augmented(image: np.ndarray, p: AugmentParams) -> np.ndarray:
+    """The NumPy transform of the whole (3, H, W) image: flip_v, flip_h, k quarter turns, jitter."""
+    a = image[:, ::-1] if p.flip_v else image
+    a = a[:, :, ::-1] if p.flip_h else a
+    a = np.ascontiguousarray(np.rot90(a, p.rot90_k, axes=(1, 2)))
+    return jitter_hsv(a, p.hsv_shift) if any(p.hsv_shift) else a
+
+
+def white_padded(image: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """Region (y, x, h, w) of ``image`` (3, H, W), white (255) outside it."""
+    return ArrayImage(image).read(y, x, h, w)
+
+
+class CountingImage(ArrayImage):
+    """An ArrayImage that counts, per pixel, how often it was read (thread-safe)."""
+
+    def __init__(self, array: np.ndarray):
+        super().__init__(array)
+        self.counts = np.zeros(array.shape[1:], dtype=np.int64)  # (H, W)
+        self.regions: list[tuple[int, int, int, int]] = []
+        self._lock = threading.Lock()
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        with self._lock:
+            self.regions.append((y, x, h, w))
+            self.counts[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] += 1
+        return super().read(y, x, h, w)
+
+
+params_strategy = st.builds(
+    AugmentParams,
+    flip_v=st.booleans(),
+    flip_h=st.booleans(),
+    rot90_k=st.integers(0, 3),
+    hsv_shift=st.one_of(st.just((0.0, 0.0, 0.0)),
+                        st.tuples(st.floats(-0.5, 0.5), st.floats(-0.5, 0.5), st.floats(-0.5, 0.5))),
+)
+
+
+@st.composite
+def image_and_region(draw):
+    """A random (3, H, W) uint8 image and a region (y, x, h, w) that may cross its border or miss it."""
+    H, W = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    seed = draw(st.integers(0, 2**31 - 1))
+    image = np.random.default_rng(seed).integers(0, 256, (3, H, W), dtype=np.uint8)
+    side = max(H, W)
+    y, x = draw(st.integers(-side, side)), draw(st.integers(-side, side))
+    h, w = draw(st.integers(0, 2 * side)), draw(st.integers(0, 2 * side))
+    return image, (y, x, h, w)
+
+
+# ----------------------------------------------------------------------------- device augmentation
+@given(data=image_and_region(), p=params_strategy, cache=st.sampled_from(["none", "device", "host"]),
+       band_rows=st.integers(1, 5))
+def test_device_augmentation_equals_numpy_augmentation(data, p, cache, band_rows):
+    """Bit for bit on the CPU: the device view == AugmentedView.read == the NumPy transform of the
+    whole image cut to the region, white outside; read through a cache or straight from the source."""
+    image, (y, x, h, w) = data
+    source = ArrayImage(image)
+    with CropCache.open(source, cache, CPU, band_bytes=band_rows * 3 * image.shape[2]) as crop:
+        view = DeviceAugmentedView(crop, p, CPU)
+        got = view.read(y, x, h, w)
+        assert got.dtype == torch.uint8 and got.device == CPU and tuple(got.shape) == (3, h, w)
+        assert view.shape == AugmentedView(source, p).shape
+        np.testing.assert_array_equal(got.numpy(), AugmentedView(source, p).read(y, x, h, w))
+        np.testing.assert_array_equal(got.numpy(), white_padded(whole_image_augmented(image, p), y, x, h, w))
+
+
+def test_every_orientation_of_a_labelled_image():
+    """The eight flips and rotations on an image whose pixels are their own coordinates, against np.rot90."""
+    H, W = 5, 7
+    codes = np.arange(H * W).reshape(H, W)
+    image = np.stack([codes // 256, codes % 256, np.zeros_like(codes)]).astype(np.uint8)
+    for k in range(4):
+        for flip_v in (False, True):
+            for flip_h in (False, True):
+                p = AugmentParams(flip_v, flip_h, k)
+                got = DeviceAugmentedView(ArrayImage(image), p).read(0, 0, *DeviceAugmentedView(ArrayImage(image), p).shape[1:])
+                np.testing.assert_array_equal(got.numpy(), whole_image_augmented(image, p))
+
+
+def test_device_view_needs_uint8():
+    with pytest.raises(TypeError, match="needs a uint8 source"):
+        DeviceAugmentedView(ArrayImage(np.zeros((3, 4, 4), np.float32)), AugmentParams())
+
+
+def test_device_view_keeps_the_feature_mask_of_the_numpy_view(tmp_path):
+    """The tissue mask on the feature grid moves with the pixels exactly as AugmentedView's does."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, synthesize_slide((512, 512), False, 1).rgb, 0.25)
+    slide_input = open_slide_input(path, mpp=0.25)
+    try:
+        p = AugmentParams(True, False, 1, (0.02, 0.1, -0.1))
+        with CropCache.open(slide_input.source, "device", CPU) as crop:
+            got = DeviceAugmentedView(crop, p).feature_mask(slide_input, (4, 3), 32)
+        want = AugmentedView(slide_input.source, p).feature_mask(slide_input, (4, 3), 32)
+        assert torch.equal(got, want)
+    finally:
+        slide_input.close()
+
+
+# ----------------------------------------------------------------------------- the cache
+@given(data=image_and_region(), mode=st.sampled_from(["device", "host", "none"]), band_rows=st.integers(1, 30))
+def test_cache_returns_exactly_the_source_pixels(data, mode, band_rows):
+    image, (y, x, h, w) = data
+    source = ArrayImage(image)
+    with CropCache.open(source, mode, CPU, band_bytes=band_rows * 3 * image.shape[2]) as crop:
+        got = crop.read(y, x, h, w)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
+        np.testing.assert_array_equal(got.numpy(), source.read(y, x, h, w))
+
+
+def test_cache_of_a_slide_returns_what_the_slide_decodes(tmp_path):
+    """A synthetic JPEG TIFF served at its own resolution: band reads cut into tiles == tile reads."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, synthesize_slide((640, 576), True, 3).rgb, 0.25)
+    slide_input = open_slide_input(path, mpp=0.25)
+    source = slide_input.source
+    rng = np.random.default_rng(0)
+    try:
+        with CropCache.open(source, "device", CPU, band_bytes=37 * 3 * source.shape[2]) as crop:
+            assert crop.mode == "device" and crop.nbytes == np.prod(source.shape)
+            np.testing.assert_array_equal(crop.fill().read(0, 0, *source.shape[1:]).numpy(),
+                                          source.read(0, 0, *source.shape[1:]))
+            for _ in range(10):
+                h, w = (int(v) for v in rng.integers(1, 200, 2))
+                y, x = int(rng.integers(-50, source.shape[1])), int(rng.integers(-50, source.shape[2]))
+                np.testing.assert_array_equal(crop.read(y, x, h, w).numpy(), source.read(y, x, h, w))
+    finally:
+        slide_input.close()
+
+
+def test_slices_inside_the_crop_are_views_of_the_buffer():
+    image = np.random.default_rng(0).integers(0, 256, (3, 20, 30), dtype=np.uint8)
+    with CropCache.open(ArrayImage(image), "device", CPU) as crop:
+        tile = crop.read(3, 4, 10, 12)
+        assert tile.untyped_storage().data_ptr() == crop.fill().read(0, 0, 20, 30).untyped_storage().data_ptr()
+
+
+MODE_CASES = [
+    # (mode, device budget, host budget) for a crop of 100 bytes -> tier
+    ("auto", 100, 0, "device"),
+    ("auto", 99, 100, "host"),
+    ("auto", 99, 99, "none"),
+    ("auto", 0, 10**12, "host"),
+    ("device", 100, 0, "device"),
+    ("host", 0, 100, "host"),
+    ("none", 10**12, 10**12, "none"),
+]
+
+
+@pytest.mark.parametrize("mode, budget, host_budget, expected", MODE_CASES)
+def test_the_tier_follows_the_budgets(mode, budget, host_budget, expected):
+    chosen, reason = choose_mode(100, mode, CPU, budget, host_budget)
+    assert chosen == expected and reason
+
+
+@pytest.mark.parametrize("mode, budget, host_budget, expected", MODE_CASES)
+def test_open_holds_the_crop_where_it_chose(mode, budget, host_budget, expected, caplog):
+    image = np.random.default_rng(0).integers(0, 256, (3, 5, 6), dtype=np.uint8)  # 90 bytes
+    scale = 90 / 100  # the budgets above are for 100 bytes
+    with caplog.at_level("DEBUG", logger="torch_impl.slides.crop_cache"):
+        crop = CropCache.open(ArrayImage(image), mode, CPU, int(budget * scale), int(host_budget * scale))
+    with crop:
+        assert crop.mode == expected
+        assert crop.nbytes == (0 if expected == "none" else image.size)
+        assert crop.device == (None if expected == "none" else CPU)
+        assert f"slide cache {expected}" in caplog.text and crop.reason in caplog.text
+
+
+@pytest.mark.parametrize("mode, match", [
+    ("device", "mode 'device': the crop of 0.00 GiB does not fit the cpu budget of 0.00 GiB; use mode 'auto'"),
+    ("host", "mode 'host': the crop of 0.00 GiB does not fit the host budget of 0.00 GiB; use mode 'auto'"),
+    ("fast", "slide cache mode must be one of auto, device, host, none, got 'fast'"),
+])
+def test_a_tier_that_cannot_be_had_is_refused(mode, match):
+    with pytest.raises(ValueError, match=match):
+        CropCache.open(ArrayImage(np.zeros((3, 4, 4), np.uint8)), mode, CPU, budget_bytes=10, host_budget_bytes=10)
+
+
+def test_the_cache_holds_uint8_only():
+    with pytest.raises(ValueError, match="CropCache holds uint8 pixels"):
+        CropCache.open(ArrayImage(np.zeros((3, 4, 4), np.float32)))
+
+
+def test_a_failed_band_read_is_raised_by_the_reads_that_need_it():
+    """A slide that breaks in its third band: reads of the first bands work, later ones raise the
+    reader's own error (OSError here), so training's handling of unreadable slides still applies."""
+
+    class BreaksAtRow(ArrayImage):
+        def read(self, y, x, h, w):
+            if y >= 6:
+                raise OSError("corrupt JPEG tile")
+            return super().read(y, x, h, w)
+
+    image = np.random.default_rng(0).integers(0, 256, (3, 12, 5), dtype=np.uint8)
+    with CropCache.open(BreaksAtRow(image), "device", CPU, band_bytes=3 * 3 * 5) as crop:  # bands of 3 rows
+        np.testing.assert_array_equal(crop.read(0, 0, 6, 5).numpy(), image[:, :6])
+        with pytest.raises(OSError, match="corrupt JPEG tile"):
+            crop.read(4, 0, 4, 5)
+
+
+def test_a_read_ahead_of_the_filler_decodes_its_own_bands():
+    """The filler is stuck in the first band (a slow decode); a read of the last rows does not
+    wait for it (a vertically flipped view starts there)."""
+    gate = threading.Event()
+
+    class SlowTop(ArrayImage):
+        def read(self, y, x, h, w):
+            if y == 0:
+                assert gate.wait(10), "the read of the last rows waited for the first band"
+            return super().read(y, x, h, w)
+
+    image = np.random.default_rng(0).integers(0, 256, (3, 12, 5), dtype=np.uint8)
+    with CropCache.open(SlowTop(image), "device", CPU, band_bytes=3 * 3 * 5) as crop:  # bands of 3 rows
+        np.testing.assert_array_equal(crop.read(9, 0, 3, 5).numpy(), image[:, 9:])
+        gate.set()
+        np.testing.assert_array_equal(crop.fill().read(0, 0, 12, 5).numpy(), image)
+
+
+def test_concurrent_reads_decode_every_band_once():
+    image = np.random.default_rng(0).integers(0, 256, (3, 90, 40), dtype=np.uint8)
+    source = CountingImage(image)
+    regions = [tuple(int(v) for v in r) for r in np.random.default_rng(1).integers(0, 60, (64, 4))]
+    with CropCache.open(source, "device", CPU, band_bytes=4 * 3 * 40) as crop, ThreadPoolExecutor(8) as pool:
+        tiles = list(pool.map(lambda region: crop.read(*region).numpy(), regions))  # re-raises a failed read
+        crop.fill()
+    for region, tile in zip(regions, tiles, strict=True):
+        np.testing.assert_array_equal(tile, ArrayImage(image).read(*region))
+    assert (source.counts == 1).all()
+
+
+def test_a_closed_cache_refuses_reads_and_frees_its_buffer():
+    crop = CropCache.open(ArrayImage(np.zeros((3, 8, 8), np.uint8)), "device", CPU)
+    with crop:
+        crop.read(0, 0, 2, 2)
+    assert crop.nbytes == 0
+    with pytest.raises(RuntimeError, match="is closed: read it inside its `with` block"):
+        crop.read(0, 0, 2, 2)
+
+
+def test_a_bad_band_is_named():
+    class Short(ArrayImage):
+        def read(self, y, x, h, w):
+            return super().read(y, x, h, w)[:, :, :-1]
+
+    expected = r"returned uint8 of shape \(3, 4, 3\), expected uint8 of shape \(3, 4, 4\)"
+    with CropCache.open(Short(np.zeros((3, 4, 4), np.uint8)), "device", CPU) as crop, \
+            pytest.raises(ValueError, match=expected):
+        crop.read(0, 0, 1, 1)
+
+
+# ----------------------------------------------------------------------------- a training step
+SIZE, TILE = (1100, 1000), 1024  # ResNet-34 trunk: three tiles per pass at this size
+PARAMS = AugmentParams(flip_v=True, flip_h=False, rot90_k=1, hsv_shift=(0.03, -0.1, 0.08))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(width=4, hidden_dim=16, attention_dim=8, pool=None, tile_size=TILE))
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return np.random.default_rng(7).integers(0, 256, (3, *SIZE), dtype=np.uint8)
+
+
+def step(model, source) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and trainable-parameter gradients of one slide (label 1)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    label = torch.tensor([1])
+    loss = model.loss(model(source, label=label), label)
+    return loss.detach(), list(torch.autograd.grad(loss, params))
+
+
+def test_cached_and_uncached_steps_have_bitwise_equal_gradients_and_the_cache_decodes_once(tiny_model, pixels):
+    """The training step on today's path (NumPy AugmentedView, every tile read from the source)
+    against the device view over a cache on the device (here the CPU), in host memory, and over
+    no cache: equal losses and gradients, bit for bit. With a cache every pixel is read from the
+    source exactly once per step (forward and backward); without, halos and the second pass read
+    pixels again."""
+    assert len(tiny_model.trunk.plan(SIZE[::-1]).tiles) > 1  # the augmented image is rotated
+    uncached = CountingImage(pixels)
+    want_loss, want = step(tiny_model, AugmentedView(uncached, PARAMS))
+    assert uncached.counts.min() >= 2 and uncached.counts.max() >= 3  # forward + backward, halos
+    for mode in ("device", "host", "none"):
+        counting = CountingImage(pixels)
+        with CropCache.open(counting, mode, CPU, band_bytes=100 * 3 * SIZE[1]) as crop:
+            loss, got = step(tiny_model, DeviceAugmentedView(crop, PARAMS, CPU))
+        assert torch.equal(loss, want_loss), mode
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), mode
+        if mode == "none":  # reads go to the source tile by tile, as without a cache
+            np.testing.assert_array_equal(counting.counts, uncached.counts)
+        else:
+            assert (counting.counts == 1).all(), mode
+
+
+def test_phase_one_reads_each_pixel_once(tiny_model, pixels):
+    """Trunk frozen (the paper's first phase): only the forward pass reads; with the cache each
+    pixel once, without it the tiles' halos are read twice."""
+    tiny_model.set_trunk_trainable(False)
+    try:
+        counting, uncached = CountingImage(pixels), CountingImage(pixels)
+        with CropCache.open(counting, "auto", CPU) as crop:
+            cached_loss, _ = step(tiny_model, DeviceAugmentedView(crop, PARAMS, CPU))
+        loss, _ = step(tiny_model, AugmentedView(uncached, PARAMS))
+        assert torch.equal(cached_loss, loss)
+        assert (counting.counts == 1).all()
+        assert uncached.counts.max() >= 2
+    finally:
+        tiny_model.set_trunk_trainable(True)
+
+
+def test_without_a_cache_nothing_larger_than_a_tile_is_read_or_held(tiny_model, pixels):
+    """Mode none: the cache holds no buffer, and each source read is one tile's input region."""
+    counting = CountingImage(pixels)
+    largest = max(t.shape[0] * t.shape[1] for t in [*tiny_model.trunk.plan(SIZE).tiles,
+                                                    *tiny_model.trunk.plan(SIZE, backward=True).tiles])
+    with CropCache.open(counting, "none", CPU) as crop:
+        assert crop.nbytes == 0
+        step(tiny_model, crop)
+    assert counting.regions and all(h * w <= largest for _, _, h, w in counting.regions)

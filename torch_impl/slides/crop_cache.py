@@ -1,0 +1,337 @@
+"""Decode a slide's crop once per training step: a uint8 cache on the device, in host memory, or none.
+
+The forward and the backward pass of a streamed step read the same pixels, and neighbouring
+tiles share their halos, so reading every tile from the file decodes most pixels two or
+three times. A :class:`CropCache` decodes the crop once, in row bands of full width read
+through the source's ``read`` (a multi-threaded reader decodes each band in parallel), into
+one (3, H, W) uint8 buffer, and answers every tile read with a slice of it:
+
+    with CropCache.open(slide_input.source, mode="auto", device=device) as crop:
+        model(DeviceAugmentedView(crop, params, device), mask, label)   # forward + backward
+
+Filling. A background thread starts at :meth:`CropCache.open` and fills the buffer band by
+band from the top, the order in which the forward pass's tile plan runs, so decoding
+overlaps the forward pass's compute. A read needs only the bands it covers: one not there
+yet is decoded by the reading thread itself (a vertically flipped view starts at the last
+bands), and each band is decoded once, by whichever thread needs it first. A device buffer
+is filled through host memory of one band per decoding thread (on CUDA, copied on a side
+stream). A failed band read is raised, as it was raised, by every read of a band not yet
+decoded.
+
+Tiers (``mode``):
+
+* ``"device"``: the buffer on ``device`` if it fits ``budget_bytes`` (default: half of what
+  the GPU can still give torch, free memory plus memory torch holds unused); on a CPU device
+  this is host memory.
+* ``"host"``: the buffer in host memory if it fits ``host_budget_bytes`` (default: half of
+  the available memory). Tiles for a GPU are copied from it into pinned blocks (one memcpy
+  in the reading thread) and on with non-blocking copies. The buffer itself is not pinned:
+  pinning several GiB takes seconds, and torch's pinned allocator rounds a block up to a
+  power of two (a 12 GiB crop would pin 16 GiB).
+* ``"none"``: no buffer; every read goes to the source, as without a cache (host memory
+  O(tile)).
+* ``"auto"``: device if it fits, else host, else none. An explicit ``"device"`` or
+  ``"host"`` that does not fit raises ValueError.
+
+The choice and its reason are logged (DEBUG when the first tier asked for is used, INFO when
+``auto`` falls back).
+
+Pixels. The buffer holds what the source's band reads return. For a source whose pixels do
+not depend on the region read (an ``ArrayImage``; a ``Slide`` served at a pyramid level's own
+resolution) that is exactly what each tile read would return. A ``Slide`` resampled between
+levels may differ by one grey level between overlapping regions (PIL's rounding, see
+:mod:`torch_impl.slides.slide`); with the cache, the forward and the backward pass at least
+see the same pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .slide import ImageSource
+
+__all__ = ["MODES", "CropCache", "available_host_memory", "choose_mode", "free_device_memory"]
+
+logger = logging.getLogger(__name__)
+
+#: The values of ``mode``.
+MODES = ("auto", "device", "host", "none")
+
+#: Share of the free device / available host memory that the default budgets allow.
+DEFAULT_FRACTION = 0.5
+
+#: Host memory per band read when filling (64 MiB: 341 rows of a 65536-pixel-wide crop).
+DEFAULT_BAND_BYTES = 64 * 2**20
+
+_GIB = 2.0**30
+
+
+def free_device_memory(device: torch.device | str) -> int:
+    """Bytes torch can still get on CUDA ``device``: the driver's free memory plus what torch's
+    caching allocator holds but does not use (e.g. the previous step's freed tiles)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory available to new allocations (Linux ``MemAvailable``, which counts
+    reclaimable page cache; elsewhere the free pages; 0 when neither is known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the line reads "MemAvailable: <n> kB"
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def choose_mode(nbytes: int, mode: str, device: torch.device, budget_bytes: int, host_budget_bytes: int
+                ) -> tuple[str, str]:
+    """The tier that holds a crop of ``nbytes`` (module docstring), and why, in words.
+
+    Returns ("device" | "host" | "none", reason). Raises ValueError when an explicit
+    ``"device"`` or ``"host"`` does not fit its budget, or for an unknown ``mode``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"slide cache mode must be one of {', '.join(MODES)}, got {mode!r}")
+    size = f"crop of {nbytes / _GIB:.2f} GiB"
+    device_fit = nbytes <= budget_bytes
+    host_fit = nbytes <= host_budget_bytes
+    on_device = f"{size} fits the {device} budget of {budget_bytes / _GIB:.2f} GiB"
+    on_host = f"fits the host budget of {host_budget_bytes / _GIB:.2f} GiB"
+    if mode == "none":
+        return "none", "mode none: tiles are read from the source"
+    if mode == "device":
+        if not device_fit:
+            raise ValueError(f"slide cache mode 'device': the {size} does not fit the {device} budget of "
+                             f"{budget_bytes / _GIB:.2f} GiB; use mode 'auto' (falls back to host memory or to "
+                             "reading tiles from the file), a larger budget or a smaller crop (max_size)")
+        return "device", on_device
+    if mode == "host":
+        if not host_fit:
+            raise ValueError(f"slide cache mode 'host': the {size} does not fit the host budget of "
+                             f"{host_budget_bytes / _GIB:.2f} GiB; use mode 'auto' (falls back to reading tiles "
+                             "from the file), a larger budget or a smaller crop (max_size)")
+        return "host", f"{size} {on_host}"
+    if device_fit:
+        return "device", on_device
+    too_big = f"{size} exceeds the {device} budget of {budget_bytes / _GIB:.2f} GiB"
+    if host_fit:
+        return "host", f"{too_big} but {on_host}"
+    return "none", (f"{too_big} and the host budget of {host_budget_bytes / _GIB:.2f} GiB: tiles are read "
+                    "from the source")
+
+
+class CropCache:
+    """A lazy (3, H, W) uint8 source held whole, once decoded (module docstring).
+
+    Itself a lazy source: ``shape``, ``dtype`` and ``read(y, x, h, w)``, which returns a
+    (3, h, w) uint8 tensor: a view of the buffer (no copy; do not write into it) on the
+    buffer's device for regions inside the crop, a white-padded copy for regions crossing
+    its border, and the source's own pixels (host) in mode ``"none"``. ``read`` is
+    thread-safe. Make one with :meth:`open`; free it with :meth:`close` or ``with``.
+
+    Attributes:
+        mode: ``"device"``, ``"host"`` or ``"none"``, the tier chosen.
+        reason: why, in words (also logged).
+        nbytes: bytes of the buffer (0 in mode ``"none"``).
+    """
+
+    def __init__(self, source: ImageSource, mode: str, reason: str, device: torch.device, band_rows: int):
+        self.source, self.mode, self.reason = source, mode, reason
+        C, H, W = (int(n) for n in source.shape)
+        self._shape = (C, H, W)
+        self._buffer: torch.Tensor | None = None
+        self._bands = [(r, min(r + band_rows, H)) for r in range(0, H, band_rows)]
+        self._band_rows = band_rows
+        self._locks = [threading.Lock() for _ in self._bands]  # held while the band is decoded
+        self._loaded = [False] * len(self._bands)
+        self._error: BaseException | None = None  # the first failed band read
+        self._closing = threading.Event()
+        self._filler: threading.Thread | None = None
+        self._stream: torch.cuda.Stream | None = None  # band copies to a GPU
+        if mode != "none":
+            self._buffer = torch.empty(self._shape, dtype=torch.uint8, device=device if mode == "device" else "cpu")
+            if self._buffer.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self._buffer.device)
+                self._stream.wait_stream(torch.cuda.current_stream(self._buffer.device))  # after the allocation
+            self._filler = threading.Thread(target=self._fill, name="crop-cache-fill", daemon=True)
+            self._filler.start()
+
+    @classmethod
+    def open(
+        cls,
+        source: ImageSource,
+        mode: str = "auto",
+        device: torch.device | str = "cpu",
+        budget_bytes: int | None = None,
+        host_budget_bytes: int | None = None,
+        band_bytes: int = DEFAULT_BAND_BYTES,
+    ) -> CropCache:
+        """Choose the tier for ``source`` and start filling it (module docstring).
+
+        Args:
+            source: lazy (3, H, W) uint8 source with ``.read(y, x, h, w)``, e.g. the
+                ``RegionView`` of a :class:`~torch_impl.slides.inputs.SlideInput`.
+            mode: ``"auto"``, ``"device"``, ``"host"`` or ``"none"``.
+            device: where the model computes (a CUDA device, or the CPU).
+            budget_bytes: most bytes the buffer may take on ``device`` (default: half of
+                :func:`free_device_memory` on CUDA, the host budget on the CPU).
+            host_budget_bytes: most bytes it may take in host memory (default: half of
+                :func:`available_host_memory`).
+            band_bytes: host bytes per band read while filling (at least one row).
+
+        Raises:
+            ValueError: unknown mode, a non-uint8 source, or an explicit tier that does not fit.
+        """
+        C, H, W = (int(n) for n in source.shape)
+        if np.dtype(source.dtype) != np.uint8:
+            raise ValueError(f"CropCache holds uint8 pixels, but {source!r} has dtype {source.dtype}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        host = host_budget_bytes if host_budget_bytes is not None else int(DEFAULT_FRACTION * available_host_memory())
+        if budget_bytes is None:
+            budget_bytes = int(DEFAULT_FRACTION * free_device_memory(device)) if device.type == "cuda" else host
+        chosen, reason = choose_mode(C * H * W, mode, device, budget_bytes, host)
+        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * W)))
+        fell_back = mode == "auto" and chosen != "device"
+        (logger.info if fell_back else logger.debug)("slide cache %s for %s: %s", chosen, source, reason)
+        return cache
+
+    # ------------------------------------------------------------------ the source interface
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the buffer is (None in mode ``"none"``)."""
+        return None if self._buffer is None else self._buffer.device
+
+    def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        """(3, h, w) uint8 pixels of rows [y, y+h), columns [x, x+w); white outside the crop."""
+        y, x, h, w = int(y), int(x), int(h), int(w)
+        if h < 0 or w < 0:
+            raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
+        if self.mode == "none":
+            return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))
+        buffer = self._buffer
+        if buffer is None:
+            raise RuntimeError(f"{self!r} is closed: read it inside its `with` block")
+        C, H, W = self._shape
+        y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
+        if y1 <= y0 or x1 <= x0:
+            return torch.full((C, h, w), 255, dtype=torch.uint8, device=buffer.device)
+        self._wait(y0, y1)
+        block = buffer[:, y0:y1, x0:x1]
+        if (y0, y1, x0, x1) == (y, y + h, x, x + w):
+            return block
+        out = torch.full((C, h, w), 255, dtype=torch.uint8, device=buffer.device)
+        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = block
+        return out
+
+    def fill(self) -> CropCache:
+        """Wait until the whole crop is decoded (reads do not need this); returns ``self``."""
+        if self.mode != "none":
+            self._wait(0, self._shape[1])
+        return self
+
+    # ------------------------------------------------------------------ filling
+    def _wait(self, y0: int, y1: int) -> None:
+        """Return once rows [y0, y1) are in the buffer, decoding the bands not yet there."""
+        for k in range(y0 // self._band_rows, (y1 - 1) // self._band_rows + 1):
+            self._ensure(k)
+
+    def _ensure(self, k: int) -> None:
+        """Band ``k`` in the buffer: decoded by whichever thread needs it first (the filler, or a
+        read that got ahead of it, e.g. the first tile of a vertically flipped view needs the
+        last bands); the others wait for it. After a failed band read, raises that error."""
+        if self._loaded[k]:
+            return
+        with self._locks[k]:
+            if self._loaded[k]:
+                return
+            if self._error is not None:
+                raise self._error
+            if self._closing.is_set():
+                raise RuntimeError(f"{self!r} was closed while it was being read")
+            r0, r1 = self._bands[k]
+            try:
+                band = self._read_band(r0, r1)
+                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                    self._buffer[:, r0:r1].copy_(band)
+                    if self._stream is not None:
+                        self._stream.synchronize()  # on the GPU before any reader slices it
+            except BaseException as error:
+                self._error = error
+                raise
+            self._loaded[k] = True
+
+    def _fill(self) -> None:
+        """The filler thread: every band from the top (the forward pass's order), until closed."""
+        start = time.perf_counter()
+        for k in range(len(self._bands)):
+            if self._closing.is_set():
+                return
+            try:
+                self._ensure(k)
+            except BaseException:  # noqa: BLE001 - stored in self._error; the reads that need the band raise it
+                return
+        _, H, W = self._shape
+        seconds = time.perf_counter() - start
+        logger.debug("slide cache filled %d x %d px in %.2f s (%.0f Mpx/s)", H, W, seconds,
+                     H * W / max(seconds, 1e-9) / 1e6)
+
+    def _read_band(self, r0: int, r1: int) -> torch.Tensor:
+        """(3, r1 - r0, W) uint8 host tensor of rows [r0, r1), checked."""
+        C, _, W = self._shape
+        band = self.source.read(r0, 0, r1 - r0, W)
+        if isinstance(band, torch.Tensor):
+            band_shape, band_dtype = tuple(band.shape), band.dtype
+            ok = band.dtype == torch.uint8
+        else:
+            band = np.ascontiguousarray(band)
+            band_shape, band_dtype, ok = band.shape, band.dtype, band.dtype == np.uint8
+            band = torch.from_numpy(band)
+        if band_shape != (C, r1 - r0, W) or not ok:
+            raise ValueError(f"{self.source!r}.read({r0}, 0, {r1 - r0}, {W}) returned {band_dtype} of shape "
+                             f"{band_shape}, expected uint8 of shape {(C, r1 - r0, W)}")
+        return band
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Stop filling and free the buffer (idempotent). Later reads raise RuntimeError."""
+        self._closing.set()
+        if self._filler is not None:
+            self._filler.join()
+        self._buffer = None
+
+    def __enter__(self) -> CropCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        C, H, W = self._shape
+        return f"CropCache({self.mode}, shape=({C}, {H}, {W}), source={self.source!r})"

@@ -1,0 +1,92 @@
+"""Slide augmentation on the device: the view of :mod:`torch_impl.slides.augment`, tile by tile in torch.
+
+:class:`DeviceAugmentedView` answers a tile read exactly as
+:class:`~torch_impl.slides.augment.AugmentedView` does (the same ``source_region`` maps the
+augmented region back to the original), but moves the small original block to the device
+first and transforms it there: the flips and quarter turns with ``torch.flip`` and
+``torch.rot90`` on the block, in the order of ``AugmentedView``'s steps, then the colour
+jitter with :func:`~torch_impl.slides.device_jitter.jitter_hsv_torch` (pointwise, so per
+tile equals whole image). On a GPU the host only decodes (or nothing, when the block comes
+from a :class:`~torch_impl.slides.crop_cache.CropCache` on the device); on the CPU the result
+equals ``AugmentedView.read`` bit for bit (``tests/test_device_view.py``).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..streaming.sources import to_device
+from .augment import AugmentedView, AugmentParams
+from .device_jitter import jitter_hsv_torch
+from .slide import ImageSource
+
+__all__ = ["DeviceAugmentedView"]
+
+
+class DeviceAugmentedView(AugmentedView):
+    """An :class:`~torch_impl.slides.augment.AugmentedView` whose ``read`` computes on ``device``.
+
+    Args:
+        source: lazy (3, H, W) uint8 source with ``.read(y, x, h, w)`` returning a NumPy array
+            or a tensor (a :class:`~torch_impl.slides.crop_cache.CropCache` returns slices of
+            its buffer, already on the device when it holds the crop there).
+        params: the augmentation (or ``flip_v``, ``flip_h``, ``rot90_k``, ``hsv_shift`` keywords).
+        device: where the transform runs and the tiles end up (a CUDA device without an index
+            means the current one, fixed when the view is made: reads run in the engine's
+            reading threads, whose current device may differ).
+
+    ``shape``, ``dtype``, ``source_region`` and ``feature_mask`` are ``AugmentedView``'s;
+    ``read`` returns a (3, h, w) uint8 tensor on ``device`` (possibly a view of a device
+    cache's buffer when the transform is the identity; do not write into it).
+    """
+
+    def __init__(self, source: ImageSource, params: AugmentParams | None = None,
+                 device: torch.device | str = "cpu", **kwargs: Any) -> None:
+        super().__init__(source, params, **kwargs)
+        if np.dtype(source.dtype) != np.uint8:
+            raise TypeError(f"DeviceAugmentedView needs a uint8 source (the colour jitter works on 0-255 RGB), "
+                            f"but {source!r} has dtype {source.dtype}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+
+    def transform_tensor(self, block: torch.Tensor) -> torch.Tensor:
+        """Apply the flips and rotations (not the colour) to the last two axes of ``block``."""
+        for step in self._steps:
+            if step == "flip_v":
+                block = torch.flip(block, dims=(-2,))
+            elif step == "flip_h":
+                block = torch.flip(block, dims=(-1,))
+            else:  # np.rot90 with k=1: counter-clockwise
+                block = torch.rot90(block, 1, dims=(-2, -1))
+        return block
+
+    def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        """(3, h, w) uint8 on ``device``: rows [y, y+h), columns [x, x+w) of the augmented image; white outside."""
+        y, x, h, w = int(y), int(x), int(h), int(w)
+        if h < 0 or w < 0:
+            raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
+        C, H, W = self.shape
+        y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            if y1 <= y0 or x1 <= x0:
+                return torch.full((C, h, w), 255, dtype=torch.uint8, device=self.device)
+            block = self.source.read(*self.source_region(y0, x0, y1 - y0, x1 - x0))  # (3, ., .) original frame
+            if not isinstance(block, torch.Tensor):
+                block = torch.from_numpy(np.ascontiguousarray(block))
+            block = self.transform_tensor(to_device(block, self.device))  # (3, y1 - y0, x1 - x0)
+            if any(self.params.hsv_shift):
+                block = jitter_hsv_torch(block, self.params.hsv_shift)
+            if (y0, y1, x0, x1) == (y, y + h, x, x + w):
+                return block
+            out = torch.full((C, h, w), 255, dtype=torch.uint8, device=self.device)
+            out[:, y0 - y : y1 - y, x0 - x : x1 - x] = block
+            return out
+
+    def __repr__(self) -> str:
+        return f"DeviceAugmentedView({self.source!r}, {self.params}, device={self.device})"
