@@ -184,7 +184,7 @@ def test_no_file_cites_files_outside_the_repository():
 #: Fields that are no training recipe (where data and outputs go, bookkeeping, hardware).
 NOT_RECIPE = {
     "TrainConfig": {"data_dir", "out_dir", "model", "splits_csv", "skip_bad_slides", "max_slides_per_epoch",
-                    "seed", "calibrate_bn", "device", "checkpoint_every", "progress"},
+                    "seed", "calibrate_bn", "device", "checkpoint_every", "progress", "slide_cache"},
     "ModelConfig": {"channels_last"},
 }
 CLASSES = {"TrainConfig": TrainConfig, "ModelConfig": ModelConfig}

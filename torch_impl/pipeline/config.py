@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..models.streaming_clam import ModelConfig
-from .runtime import atomic_write
+from ..slides.camelyon import DEFAULT_EXCLUDE
+from ..slides.crop_cache import MODES as CACHE_MODES
+from .runtime import AMP_CHOICES, atomic_write
 
 __all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "smallest_tile_size",
            "validate_config"]
@@ -78,6 +79,7 @@ class TrainConfig:
     # --- hardware and bookkeeping ---
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", "cuda:1"
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA, off on CPU), "bf16" or "off"
+    slide_cache: str = "auto"  # each training crop decoded once per step, kept in: "device" memory, "host" memory, or "none" (tiles read from the file, host memory O(tile)); "auto": device if the crop fits half the free memory, else host, else none
     checkpoint_every: int = 0  # also write last.pt every this many slides (after a step); 0 = per epoch only
     progress: bool = True  # tqdm progress bars (shown only on a terminal)
 
@@ -166,7 +168,8 @@ def save_config(config: TrainConfig, folder: str | os.PathLike) -> Path:
 CHOICES: dict[str, tuple[str | None, ...]] = {
     "sampler": ("balanced", "shuffle"),
     "lr_schedule": ("constant", "cosine"),
-    "amp": ("auto", "bf16", "off"),
+    "amp": AMP_CHOICES,
+    "slide_cache": CACHE_MODES,
     "model.head": ("sb", "mb"),
     "model.pool": ("max", "avg", None),
 }

@@ -53,6 +53,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..slides.augment import AugmentedView, draw_augmentation
+from ..slides.crop_cache import CropCache
+from ..slides.device_view import DeviceAugmentedView
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
 from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, save_config, validate_config
 from ..slides import SlideError, SlideRecord, discover, make_splits
@@ -96,7 +98,7 @@ METRIC_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_slides", "skipped
                   "val_accuracy", "val_slides", "seconds")
 
 #: Settings that may change on --resume without breaking the exact continuation.
-_RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_bad_slides", "out_dir", "data_dir"}
+_RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_bad_slides", "out_dir", "data_dir", "slide_cache"}
 
 #: ModelConfig fields that --resume refuses to change: they change the network's parameters
 #: (their names or shapes: width, head, n_classes, hidden_dim, attention_dim, instance_loss,
@@ -214,23 +216,27 @@ def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record:
     try:
         aug = draw_augmentation(rng, config.flip, config.rot90, config.hue_shift, config.saturation_scale,
                                 config.value_scale)
-        view = AugmentedView(slide.source, aug)
+        view = AugmentedView(slide.source, aug)  # its geometry places the tissue mask; it reads no pixels
         mask = _feature_mask(model, view, slide, record).to(device)
         label = torch.tensor([record.label], device=device)
         torch_seed = int(rng.integers(2**62))
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            # the crop is decoded once for the forward and the backward pass (config.slide_cache);
+            # flips, quarter turns and the colour jitter run on each tile on the device, equal
+            # to the NumPy `view` bit for bit on the CPU (tests/test_device_view.py)
+            with CropCache.open(slide.source, config.slide_cache, device) as crop, \
+                    torch.random.fork_rng(devices=devices):
                 torch.manual_seed(torch_seed)
                 with _autocast(device, amp_dtype):
-                    output = model(view, mask, label)
+                    output = model(DeviceAugmentedView(crop, aug, device), mask, label)
                 loss = model.loss(output, label)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"non-finite training loss ({loss.item()}) on slide {record.slide_id} ({record.path}) "
                         f"{where}; stopping without saving, the last checkpoint is intact")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)  # the backward reads the cache too
         except (SlideError, OSError) as e:
             raise BadSlideError(f"slide {record.slide_id} ({record.path}): reading failed during training: {e}") from e
     finally:

@@ -7,7 +7,10 @@ Imports neither the models nor the pipeline: a slide becomes what a model eats (
     tissue.py      tissue mask (Otsu on saturation), bounding box, crops, masks at other resolutions
     camelyon.py    CAMELYON16 folder layout, labels, splits, ASAP XML annotations
     synthetic.py   a synthetic mini-CAMELYON16 (pyramidal JPEG TIFFs with lesions and XML)
-    augment.py     flips, quarter turns and HSV jitter as a lazy view
+    augment.py     flips, quarter turns and HSV jitter as a lazy view (the NumPy reference)
+    device_jitter.py  the HSV jitter in torch, for tiles on the device
+    device_view.py    DeviceAugmentedView: the augmentation in torch, tile by tile on the device
+    crop_cache.py     CropCache: a crop decoded once per step (device memory, host memory or none)
     inputs.py      slide file -> lazy tissue crop + tissue mask on the feature grid
     samples.py     the shipped CC0 H&E sample slide (tests and tutorials)
 """
