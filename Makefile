@@ -10,7 +10,7 @@ TORCH ?= torch
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: test demo bench notebooks clean
+.PHONY: test lint format demo bench notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ $(BIN)/.notebooks: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites
+lint: $(BIN)/.installed
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+format: $(BIN)/.installed
+	$(BIN)/python -m ruff check --fix .
+	$(BIN)/python -m ruff format .
 
 demo: $(BIN)/.installed
 	$(BIN)/python -m torch_impl demo

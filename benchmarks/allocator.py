@@ -17,9 +17,6 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-        return bool(
-            libc.mallopt(M_MMAP_THRESHOLD, 2**30)
-            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-        )
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         return False

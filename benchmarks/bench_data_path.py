@@ -88,8 +88,10 @@ def augmentation_alone(device: torch.device, side: int, repeat: int) -> None:
         numpy_view, torch_view = AugmentedView(image, params), DeviceAugmentedView(image, params, device)
         numpy_s = timed(lambda v=numpy_view: v.read(0, 0, side, side), torch.device("cpu"), repeat)
         torch_s = timed(lambda v=torch_view: v.read(0, 0, side, side), device, repeat)
-        print(f"    {name:28s} NumPy AugmentedView {mpx / numpy_s:7.1f}   DeviceAugmentedView ({device}) "
-              f"{mpx / torch_s:7.1f}")
+        print(
+            f"    {name:28s} NumPy AugmentedView {mpx / numpy_s:7.1f}   DeviceAugmentedView ({device}) "
+            f"{mpx / torch_s:7.1f}"
+        )
 
 
 def step_data_work(source, make_view, device: torch.device, tile: int, cache: str | None) -> None:
@@ -106,8 +108,10 @@ def step(slide_path: Path, device: torch.device, tile: int, repeat: int) -> None
     slide = open_slide_input(slide_path, mpp=0.25)
     source = slide.source
     mpx = source.shape[1] * source.shape[2] / 1e6
-    print(f"(2) data work of one step (forward + backward plans, tile {tile}), crop {source.shape[1]} x "
-          f"{source.shape[2]} ({mpx:.1f} Mpx), seconds")
+    print(
+        f"(2) data work of one step (forward + backward plans, tile {tile}), crop {source.shape[1]} x "
+        f"{source.shape[2]} ({mpx:.1f} Mpx), seconds"
+    )
     paths = {
         "today: NumPy AugmentedView, no cache": (lambda s, p: AugmentedView(s, p), None),
         "DeviceAugmentedView, no cache": (lambda s, p: DeviceAugmentedView(s, p, device), "none"),
@@ -121,12 +125,19 @@ def step(slide_path: Path, device: torch.device, tile: int, repeat: int) -> None
             def view_of(crop, make=make, params=params):
                 return make(crop, params)
 
-            seconds[label] = timed(lambda counting=counting, view_of=view_of, cache=cache: step_data_work(
-                counting, view_of, device, tile, cache), device, repeat)
+            seconds[label] = timed(
+                lambda counting=counting, view_of=view_of, cache=cache: step_data_work(
+                    counting, view_of, device, tile, cache
+                ),
+                device,
+                repeat,
+            )
             decoded = counting.pixels / (repeat + 1) / (mpx * 1e6)
         share = (seconds["augmented"] - seconds["plain"]) / seconds["augmented"]
-        print(f"    {name:46s} plain {seconds['plain']:6.2f}  augmented {seconds['augmented']:6.2f}  "
-              f"augmentation {100 * share:5.1f}% of the data work; each pixel decoded {decoded:.2f} times")
+        print(
+            f"    {name:46s} plain {seconds['plain']:6.2f}  augmented {seconds['augmented']:6.2f}  "
+            f"augmentation {100 * share:5.1f}% of the data work; each pixel decoded {decoded:.2f} times"
+        )
     slide.close()
 
 

@@ -79,7 +79,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.allocator import keep_freed_memory  # noqa: E402
-
 from reference.layers import Conv2d, Layer, Residual, Sequential
 from reference.nets import resnet34_trunk
 from reference.streaming import plan_for, stream_backward, stream_forward
@@ -111,9 +110,7 @@ def elapsed(fn: Callable[[], object], clock: str) -> Callable[[], float]:
     return run
 
 
-def round_robin(
-    thunks: dict[str, Callable[[], float]], repeat: int
-) -> dict[str, float]:
+def round_robin(thunks: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
     """Median seconds per thunk over ``repeat`` rounds; each round runs every thunk once.
 
     Interleaving the measurements, instead of repeating one before the next, spreads the
@@ -217,9 +214,7 @@ def leaves(layer: Layer) -> list[Layer]:
     return [leaf for kid in kids for leaf in leaves(kid)]
 
 
-def leaf_output_areas(
-    layer: Layer, h: int, w: int
-) -> tuple[dict[int, int], tuple[int, int]]:
+def leaf_output_areas(layer: Layer, h: int, w: int) -> tuple[dict[int, int], tuple[int, int]]:
     """Output pixels of every leaf for an (h, w) input, keyed by ``id(leaf)``; and the output size.
 
     Uses the leaves' per-axis ``output_size`` (torch's formula), so no array is computed.
@@ -250,9 +245,7 @@ class LeafStats:
 
 
 @contextmanager
-def timed_leaves(
-    net: Layer, stats: LeafStats, now: Callable[[], float]
-) -> Iterator[LeafStats]:
+def timed_leaves(net: Layer, stats: LeafStats, now: Callable[[], float]) -> Iterator[LeafStats]:
     """Add the time (on the clock ``now``) of every leaf's ``forward`` and ``backward`` calls,
     and the number of forward calls, to ``stats``.
 
@@ -284,9 +277,7 @@ def timed_leaves(
             del leaf.forward, leaf.backward
 
 
-def layer_weighted_overhead(
-    net: Layer, plan: TilePlan, spent: dict[int, float], total: float
-) -> float:
+def layer_weighted_overhead(net: Layer, plan: TilePlan, spent: dict[int, float], total: float) -> float:
     """Predicted streamed / full time from per-leaf output areas weighted by per-leaf time.
 
     ``sum_l t_l * (sum over tiles of A_l(tile)) / A_l(image) + t_rest * plan.overhead``, all
@@ -349,22 +340,14 @@ def bench_streaming(
         "full_bwd": elapsed(full_backward, args.clock),
     }
     for tile in args.tiles:
-        thunks[f"fwd_{tile}"] = elapsed(
-            lambda tile=tile: stream_forward(net, x, tile), args.clock
-        )
-        thunks[f"bwd_{tile}"] = elapsed(
-            lambda tile=tile: stream_backward(net, x, grad_y, tile), args.clock
-        )
+        thunks[f"fwd_{tile}"] = elapsed(lambda tile=tile: stream_forward(net, x, tile), args.clock)
+        thunks[f"bwd_{tile}"] = elapsed(lambda tile=tile: stream_backward(net, x, grad_y, tile), args.clock)
     t = round_robin(thunks, args.repeat)
 
     # the leaf wrappers summed over all rounds; scale to one run
     spent_fwd = {k: v / args.repeat for k, v in stats_fwd.seconds.items()}
     spent_bwd = {k: v / args.repeat for k, v in stats_bwd.seconds.items()}
-    calls = (
-        sum(stats_bwd.forward_calls.values())
-        / args.repeat
-        / len(stats_bwd.forward_calls)
-    )
+    calls = sum(stats_bwd.forward_calls.values()) / args.repeat / len(stats_bwd.forward_calls)
     rows = []
     for tile in args.tiles:
         plan = plan_for(net, x, tile)
@@ -385,12 +368,8 @@ def bench_streaming(
     return t["full_fwd"], t["full_bwd"], rows, calls
 
 
-def print_streaming(
-    full_fwd: float, full_bwd: float, rows: list[StreamRow], calls: float, args
-) -> None:
-    print(
-        f"\n## Narrow ResNet-34 trunk (widths {args.widths}), float64, image 1x3x{args.image}x{args.image}"
-    )
+def print_streaming(full_fwd: float, full_bwd: float, rows: list[StreamRow], calls: float, args) -> None:
+    print(f"\n## Narrow ResNet-34 trunk (widths {args.widths}), float64, image 1x3x{args.image}x{args.image}")
     print(
         f"full forward {full_fwd:.2f} s, full backward {full_bwd:.2f} s "
         f"(the backward calls each leaf's forward {calls:.1f} times on average)"
@@ -408,9 +387,7 @@ def print_streaming(
             f"{r.fwd_layers:>12.2f}{r.bwd_time:>8.2f}{r.bwd_ratio:>11.2f}{r.bwd_layers:>12.2f}"
             f"{fwd_rel:>10.2f}{bwd_rel:>10.2f}"
         )
-    print(
-        f"target measured ratio within 25% of the plan's overhead: {'met' if met else 'NOT met'}"
-    )
+    print(f"target measured ratio within 25% of the plan's overhead: {'met' if met else 'NOT met'}")
 
 
 # --------------------------------------------------------------------------- main
@@ -447,18 +424,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("convolution")
     g.add_argument("--batch", type=int, default=1, help="N; default 1")
-    g.add_argument(
-        "--channels", type=int, default=64, help="channels in and out; default 64"
-    )
+    g.add_argument("--channels", type=int, default=64, help="channels in and out; default 64")
     g.add_argument("--conv-size", type=int, default=256, help="H = W; default 256")
-    g.add_argument(
-        "--kernel", type=int, default=3, help="square kernel, 'same' padding; default 3"
-    )
+    g.add_argument("--kernel", type=int, default=3, help="square kernel, 'same' padding; default 3")
     g.add_argument("--skip-conv", action="store_true")
     g = p.add_argument_group("streaming")
-    g.add_argument(
-        "--image", type=int, default=2048, help="square image side; default 2048"
-    )
+    g.add_argument("--image", type=int, default=2048, help="square image side; default 2048")
     g.add_argument(
         "--tiles",
         type=_int_list,

@@ -64,7 +64,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.allocator import keep_freed_memory  # noqa: E402
-
 from reference.tiling import TilePlan
 from torch_impl.models.resnet import resnet34_trunk
 from torch_impl.streaming import StreamingTrunk, to_model_input
@@ -111,14 +110,10 @@ class SyntheticSlide:
         """Pixels ``[y, y + h) x [x, x + w)`` as a read-only (3, h, w) uint8 view."""
         _, H, W = self.shape
         if not (0 <= y and y + h <= H and 0 <= x and x + w <= W):
-            raise ValueError(
-                f"region {h}x{w} at ({y}, {x}) is outside the {H}x{W} image"
-            )
+            raise ValueError(f"region {h}x{w} at ({y}, {x}) is outside the {H}x{W} image")
         start = self.buf[:, y * self.skew + x :]  # (3, ...), row y begins here
         c_stride = self.buf.strides[0]
-        return np.lib.stride_tricks.as_strided(
-            start, (3, h, w), (c_stride, self.skew, 1), writeable=False
-        )
+        return np.lib.stride_tricks.as_strided(start, (3, h, w), (c_stride, self.skew, 1), writeable=False)
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -144,9 +139,7 @@ class Config:
     def label(self) -> str:
         if self.tile is None:
             return f"{self.size} plain"
-        bwd = (
-            "" if self.backward_tile in (None, self.tile) else f"/{self.backward_tile}"
-        )
+        bwd = "" if self.backward_tile in (None, self.tile) else f"/{self.backward_tile}"
         return f"{self.size} tile {self.tile}{bwd}"
 
 
@@ -194,10 +187,7 @@ def _peak_rss() -> int:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return (
-        isinstance(err, torch.cuda.OutOfMemoryError)
-        or "out of memory" in str(err).lower()
-    )
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def build_trunk(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -233,9 +223,7 @@ def peak_tensor_bytes(fn: Callable[[], None]) -> int | None:
         fn()
     try:
         events = prof.profiler.kineto_results.events()
-        deltas = sorted(
-            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
-        )
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
     except AttributeError:
         return None
     live = peak = 0
@@ -252,9 +240,7 @@ def warm_up(step: Callable[[], None], device: torch.device) -> None:
     _sync(device)
 
 
-def time_steps(
-    step: Callable[[], None], cfg: Config, device: torch.device
-) -> tuple[list[float], int | None]:
+def time_steps(step: Callable[[], None], cfg: Config, device: torch.device) -> tuple[list[float], int | None]:
     """``cfg.repeat`` timed calls of ``step``; the times and, on CUDA, the peak allocated bytes."""
     now = CLOCKS[cfg.clock]
     times, peaks = [], []
@@ -327,9 +313,7 @@ def run_config(cfg: Config) -> Result:
                 y.float().mean().backward()
 
         else:
-            engine = StreamingTrunk(
-                trunk, cfg.tile, cfg.backward_tile, channels_last=cfg.channels_last
-            )
+            engine = StreamingTrunk(trunk, cfg.tile, cfg.backward_tile, channels_last=cfg.channels_last)
             image_size = (cfg.size, cfg.size)
             result.plans = {
                 "forward": _plan_facts(engine.plan(image_size)),
@@ -383,9 +367,7 @@ def run_isolated(cfg: Config, timeout: float | None) -> Result:
     ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     try:
-        proc = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env
-        )
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return Result(cfg, status=f"timeout after {timeout:.0f} s")
     for line in proc.stdout.splitlines():
@@ -393,14 +375,10 @@ def run_isolated(cfg: Config, timeout: float | None) -> Result:
             data = json.loads(line[len("RESULT ") :])
             data["config"] = Config(**data["config"])
             return Result(**data)
-    if (
-        proc.returncode < 0
-    ):  # killed by a signal, typically the kernel's OOM killer (SIGKILL)
+    if proc.returncode < 0:  # killed by a signal, typically the kernel's OOM killer (SIGKILL)
         return Result(
             cfg,
-            status="OOM"
-            if proc.returncode == -9
-            else f"killed by signal {-proc.returncode}",
+            status="OOM" if proc.returncode == -9 else f"killed by signal {-proc.returncode}",
         )
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return Result(cfg, status=f"failed: {tail}")
@@ -454,9 +432,7 @@ def _gib(nbytes: int | None) -> str:
 def _mode(cfg: Config) -> str:
     if cfg.tile is None:
         return "plain"
-    return f"tile {cfg.tile}" + (
-        "" if cfg.backward_tile in (None, cfg.tile) else f"/{cfg.backward_tile}"
-    )
+    return f"tile {cfg.tile}" + ("" if cfg.backward_tile in (None, cfg.tile) else f"/{cfg.backward_tile}")
 
 
 def print_row(result: Result, model: CostModel | None) -> None:
@@ -465,11 +441,7 @@ def print_row(result: Result, model: CostModel | None) -> None:
     if result.status != "ok":
         log.info("%-22s %s", cfg.label, result.status)
         return
-    extra = (
-        f", no-grad forward {result.forward:.3f} s"
-        if result.forward is not None
-        else ""
-    )
+    extra = f", no-grad forward {result.forward:.3f} s" if result.forward is not None else ""
     pred = f", predicted {model.predict(result):.3f} s" if model else ""
     rss = f", peak RSS {_gib(result.peak_rss)}" if result.peak_rss is not None else ""
     log.info(
@@ -484,9 +456,7 @@ def print_row(result: Result, model: CostModel | None) -> None:
     )
 
 
-def print_table(
-    results: list[Result], model: CostModel | None, args: argparse.Namespace
-) -> None:
+def print_table(results: list[Result], model: CostModel | None, args: argparse.Namespace) -> None:
     """The final table: one line per configuration, then the plans' tile shapes."""
     print(
         f"\n## ResNet-34 trunk, width {args.width}, {args.dtype}, device {args.device_name}, "
@@ -533,11 +503,7 @@ def print_table(
     shapes = {}
     for r in results:
         for name, plan in r.plans.items():
-            tile = (
-                r.config.tile
-                if name == "forward"
-                else (r.config.backward_tile or r.config.tile)
-            )
+            tile = r.config.tile if name == "forward" else (r.config.backward_tile or r.config.tile)
             shapes[(r.config.size, name, tile)] = plan
     if shapes:
         print("tile shapes (h, w) per plan:")
@@ -560,13 +526,7 @@ def calibrate(results: list[Result], args: argparse.Namespace) -> CostModel | No
     size = args.calibrate
     while size >= 256:
         plain = next(
-            (
-                r
-                for r in results
-                if r.config.tile is None
-                and r.config.size == size
-                and r.status != "skipped"
-            ),
+            (r for r in results if r.config.tile is None and r.config.size == size and r.status != "skipped"),
             None,
         )
         if plain is None:  # not measured yet, or skipped by --plain-max: measure it now
@@ -604,11 +564,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], CostModel | None]:
     results: list[Result] = []
     for size in args.sizes:
         cfg = _config(args, size, None)
-        result = (
-            measure(cfg, args)
-            if size <= args.plain_max
-            else Result(cfg, status="skipped")
-        )
+        result = measure(cfg, args) if size <= args.plain_max else Result(cfg, status="skipped")
         print_row(result, None)
         results.append(result)
     model = calibrate(results, args)
@@ -620,22 +576,14 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], CostModel | None]:
     return results, model
 
 
-def cpu_check_summary(
-    results: list[Result], model: CostModel | None, size: int
-) -> None:
+def cpu_check_summary(results: list[Result], model: CostModel | None, size: int) -> None:
     """The one-line verdict of ``--cpu-check``."""
-    streamed = [
-        r
-        for r in results
-        if r.config.tile is not None and r.status == "ok" and r.config.size == size
-    ]
+    streamed = [r for r in results if r.config.tile is not None and r.status == "ok" and r.config.size == size]
     if model is None or not streamed:
         print("cpu-check: no streamed result or no cost model; nothing to compare")
         return
     worst = max(abs(r.step / model.predict(r) - 1) for r in streamed)
-    tiles = ", ".join(
-        f"tile {r.config.tile}: {r.step / model.predict(r):.2f}" for r in streamed
-    )
+    tiles = ", ".join(f"tile {r.config.tile}: {r.step / model.predict(r):.2f}" for r in streamed)
     verdict = "met" if worst <= 0.25 else "NOT met"
     print(
         f"cpu-check: streamed step of a narrow ResNet-34 (width {streamed[0].config.width}) at "
@@ -675,9 +623,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="backward tile size (default: the forward tile)",
     )
-    p.add_argument(
-        "--width", type=int, help="layer1 planes; CPU 8, CUDA 64 (ResNet-34)"
-    )
+    p.add_argument("--width", type=int, help="layer1 planes; CPU 8, CUDA 64 (ResNet-34)")
     p.add_argument(
         "--repeat",
         type=int,
@@ -694,9 +640,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="image side of the cost model's plain run (default: smallest size)",
     )
-    p.add_argument(
-        "--channels-last", action="store_true", help="channels-last trunk and tiles"
-    )
+    p.add_argument("--channels-last", action="store_true", help="channels-last trunk and tiles")
     p.add_argument(
         "--threads",
         type=int,
@@ -733,11 +677,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    defaults = (
-        CPU_CHECK
-        if args.cpu_check
-        else (CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS)
-    )
+    defaults = CPU_CHECK if args.cpu_check else (CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name) is None or args.cpu_check:
             setattr(args, name, value)
@@ -745,9 +685,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # torch 2.13.0+cpu (oneDNN) crashes (SIGSEGV / "double free") in the backward of a
         # channels-last 1x1 stride-2 convolution with few channels, e.g. Conv2d(4, 8, 1,
         # stride=2) on a (1, 4, 256, 256) input: ResNet-34's layer2 shortcut at width 4 or 8.
-        p.error(
-            "--channels-last on the CPU needs --width >= 16 (oneDNN crashes for narrower trunks)"
-        )
+        p.error("--channels-last on the CPU needs --width >= 16 (oneDNN crashes for narrower trunks)")
     if args.isolate is None:
         args.isolate = args.device == "cpu"
     if args.calibrate is None:
@@ -755,15 +693,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.clock is None:
-        args.clock = (
-            "user" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
-        )
+        args.clock = "user" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
     if args.device == "cuda" and args.clock != "wall":
         p.error("CUDA runs are timed by wall time (--clock wall)")
     args.threads_used = torch.get_num_threads() if args.device == "cpu" else "-"
-    args.device_name = (
-        torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    )
+    args.device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     return args
 
 
@@ -780,9 +714,7 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # resnet34_trunk warns "no weights given": random weights are intended here
     logging.getLogger("torch_impl.models.resnet").setLevel(logging.ERROR)
     if argv[:1] == ["--worker"]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -98,8 +98,7 @@ def _as_input(layer: Layer, x: np.ndarray, channels: int | None = None) -> np.nd
     name = type(layer).__name__
     if x.ndim != 4:
         raise ValueError(
-            f"{name} expects x of shape (N, C, H, W), got shape {x.shape}; "
-            "add the missing batch or channel axis"
+            f"{name} expects x of shape (N, C, H, W), got shape {x.shape}; add the missing batch or channel axis"
         )
     if channels is not None and x.shape[1] != channels:
         raise ValueError(
@@ -149,9 +148,7 @@ def _windows(x_pad: np.ndarray, rows: LayerSpec, cols: LayerSpec) -> np.ndarray:
     return X[:, :, :: rows.stride, :: cols.stride, :: rows.dilation, :: cols.dilation]
 
 
-def _windows_adjoint(
-    grad_X: np.ndarray, padded_shape: tuple[int, ...], rows: LayerSpec, cols: LayerSpec
-) -> np.ndarray:
+def _windows_adjoint(grad_X: np.ndarray, padded_shape: tuple[int, ...], rows: LayerSpec, cols: LayerSpec) -> np.ndarray:
     """Adjoint of :func:`_windows`, summing over every (a, b, i, j) that reads a pixel::
 
         grad_x_pad[n, c, a s_h + i d_h, b s_w + j d_w] += grad_X[n, c, a, b, i, j]
@@ -276,10 +273,7 @@ class Conv2d(_Window):
     ) -> None:
         self.weight = np.asarray(weight, dtype=np.float64)
         if self.weight.ndim != 4:
-            raise ValueError(
-                "Conv2d weight must have shape (C_out, C_in/groups, k_h, k_w), "
-                f"got {self.weight.shape}"
-            )
+            raise ValueError(f"Conv2d weight must have shape (C_out, C_in/groups, k_h, k_w), got {self.weight.shape}")
         C_out = self.weight.shape[0]
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float64)
         if self.bias is not None and self.bias.shape != (C_out,):
@@ -488,7 +482,7 @@ class Residual(Layer):
 
     def __init__(self, main: Layer, shortcut: Layer | None = None) -> None:
         self.main, self.shortcut = main, shortcut
-        self.geometry  # evaluated now, so that branches with different strides fail here
+        _ = self.geometry  # evaluated now, so that branches with different strides fail here
 
     @property
     def geometry(self) -> tuple[AxisGeometry, AxisGeometry]:

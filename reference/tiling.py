@@ -22,12 +22,11 @@ Each axis thus has at most two tile lengths, and an image at most four tile shap
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import product
 from numbers import Integral
-from typing import Iterator, Sequence
 
 from .geometry import AxisGeometry, _ceil_div, output_size
 
@@ -206,6 +205,7 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
         )
     c = _ceil_div(o, S)
     most_owned = (tile - r + o) // S - c + 1  # B >= 1 outputs owned by an interior tile
+
     # The fewest tiles that the cap allows, then the shortest tiles that need no more of
     # them: owning fewer outputs each, tiles overlap less and the last one is not forced
     # far back over its neighbour.
@@ -291,8 +291,7 @@ def size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
         pair = ()
     if len(pair) != 2 or not all(_is_integral(v) and v > 0 for v in pair):
         raise ValueError(
-            f"{name} must be a positive int or an (h, w) pair of positive ints, got {value!r} "
-            f"({type(value).__name__})"
+            f"{name} must be a positive int or an (h, w) pair of positive ints, got {value!r} ({type(value).__name__})"
         )
     return int(pair[0]), int(pair[1])
 

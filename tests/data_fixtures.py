@@ -17,8 +17,7 @@ from torch_impl.slides import SlideRecord, make_demo_data
 from torch_impl.slides.samples import sample_slide_path
 
 #: Arguments of `make_demo_data` for the tiny test data set.
-TINY = dict(n_normal=2, n_tumor=2, n_test_normal=2, n_test_tumor=2, size=(1024, 1024),
-            seed=0, mpp=0.25)
+TINY = dict(n_normal=2, n_tumor=2, n_test_normal=2, n_test_tumor=2, size=(1024, 1024), seed=0, mpp=0.25)
 
 
 def make_tiny_camelyon(root: Path) -> list[SlideRecord]:

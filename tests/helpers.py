@@ -85,7 +85,7 @@ class ArrayRegions:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         self.reads.append((y, x, h, w))
-        return self.array[:, y:y + h, x:x + w]
+        return self.array[:, y : y + h, x : x + w]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.array.dtype})"

@@ -62,13 +62,19 @@ def reference_networks(draw, in_channels: int = 2, linear: bool = False):
         if kind == "conv":
             depthwise = draw(st.booleans())
             c_out = c if depthwise else draw(st.integers(1, 3))
-            net.append(conv(
-                rng, c, c_out, (draw(st.integers(1, 7)), draw(st.integers(1, 7))),
-                stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-                padding=(draw(st.integers(0, 3)), draw(st.integers(0, 3))),
-                dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-                groups=c if depthwise else 1, bias=draw(st.booleans()),
-            ))
+            net.append(
+                conv(
+                    rng,
+                    c,
+                    c_out,
+                    (draw(st.integers(1, 7)), draw(st.integers(1, 7))),
+                    stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+                    padding=(draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+                    dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+                    groups=c if depthwise else 1,
+                    bias=draw(st.booleans()),
+                )
+            )
             c = c_out
         elif kind in ("maxpool", "avgpool"):
             k = draw(st.integers(1, 4))

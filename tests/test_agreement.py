@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import random_resnet34_trunk, relative_error
 from torch_impl.streaming import StreamingTrunk
 from torch_impl.streaming.to_reference import to_reference
-from tests.helpers import random_resnet34_trunk, relative_error
 
 
 def test_converted_trunk_matches_torch_streamed():

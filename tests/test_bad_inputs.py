@@ -47,15 +47,21 @@ class Source:
     """A lazy source over PIXELS whose ``read`` passes the correct tile through ``transform``
     (which breaks the contract on purpose); ``shape`` and ``dtype`` may be declared wrongly."""
 
-    def __init__(self, name: str, transform: Callable[[np.ndarray], Any] = lambda t: t,
-                 pixels: np.ndarray = PIXELS, shape: tuple | None = None, dtype: Any = None):
+    def __init__(
+        self,
+        name: str,
+        transform: Callable[[np.ndarray], Any] = lambda t: t,
+        pixels: np.ndarray = PIXELS,
+        shape: tuple | None = None,
+        dtype: Any = None,
+    ):
         self.name, self.transform, self.pixels = name, transform, pixels
         self.shape = pixels.shape if shape is None else shape
         if dtype is not None:
             self.dtype = dtype
 
     def read(self, y: int, x: int, h: int, w: int) -> Any:
-        return self.transform(self.pixels[:, y:y + h, x:x + w])
+        return self.transform(self.pixels[:, y : y + h, x : x + w])
 
     def __repr__(self) -> str:
         return f"Source({self.name!r})"
@@ -88,81 +94,190 @@ REFERENCE_NET = L.Sequential([conv(np.random.default_rng(0), 3, 2, 3, padding=1)
 
 CASES = [
     # ---- tile sizes: integral numbers (int, np.int64) only
-    Case("tile_size float", lambda: streamed(960.0), ValueError,
-         "tile_size must be a positive int or an (h, w) pair of positive ints, got 960.0 (float)"),
+    Case(
+        "tile_size float",
+        lambda: streamed(960.0),
+        ValueError,
+        "tile_size must be a positive int or an (h, w) pair of positive ints, got 960.0 (float)",
+    ),
     Case("tile_size numpy float", lambda: streamed(np.float64(960)), ValueError, "got np.float64(960.0) (float64)"),
     Case("tile_size pair with a float", lambda: streamed((48, 48.0)), ValueError, "got (48, 48.0) (tuple)"),
     Case("tile_size triple", lambda: streamed((48, 48, 48)), ValueError, "got (48, 48, 48) (tuple)"),
     Case("tile_size bool", lambda: streamed(True), ValueError, "got True (bool)"),
     Case("tile_size string", lambda: streamed("960"), ValueError, "got '960' (str)"),
     Case("tile_size zero", lambda: streamed(0), ValueError, "positive int"),
-    Case("backward_tile_size float", lambda: streamed(32, backward_tile_size=np.float32(16)), ValueError,
-         "backward_tile_size must be a positive int"),
-    Case("reference tile_size float", lambda: stream_forward(REFERENCE_NET, np.zeros((1, 3, 8, 8)), 960.0),
-         ValueError, "tile_size must be a positive int or an (h, w) pair of positive ints, got 960.0 (float)"),
-    Case("reference plan with a float tile", lambda: plan_tiles(REFERENCE_NET.geometry, (8, 8), (4.0, 4)),
-         ValueError, "got (4.0, 4) (tuple)"),
+    Case(
+        "backward_tile_size float",
+        lambda: streamed(32, backward_tile_size=np.float32(16)),
+        ValueError,
+        "backward_tile_size must be a positive int",
+    ),
+    Case(
+        "reference tile_size float",
+        lambda: stream_forward(REFERENCE_NET, np.zeros((1, 3, 8, 8)), 960.0),
+        ValueError,
+        "tile_size must be a positive int or an (h, w) pair of positive ints, got 960.0 (float)",
+    ),
+    Case(
+        "reference plan with a float tile",
+        lambda: plan_tiles(REFERENCE_NET.geometry, (8, 8), (4.0, 4)),
+        ValueError,
+        "got (4.0, 4) (tuple)",
+    ),
     # ---- tensor inputs: used as given, so in the trunk's floating dtype
-    Case("float16 tensor", lambda: streamed()(torch.zeros(1, 3, H, W, dtype=torch.float16)), TypeError,
-         "x is torch.float16 but the trunk computes in torch.float64"),
-    Case("uint8 tensor", lambda: streamed()(torch.zeros(1, 3, H, W, dtype=torch.uint8)), TypeError,
-         "x is torch.uint8: a tensor input is used as given, so it must be floating point (torch.float64)"),
-    Case("int64 tensor", lambda: streamed()(torch.zeros(1, 3, H, W, dtype=torch.int64)), TypeError,
-         "to_model_input"),
+    Case(
+        "float16 tensor",
+        lambda: streamed()(torch.zeros(1, 3, H, W, dtype=torch.float16)),
+        TypeError,
+        "x is torch.float16 but the trunk computes in torch.float64",
+    ),
+    Case(
+        "uint8 tensor",
+        lambda: streamed()(torch.zeros(1, 3, H, W, dtype=torch.uint8)),
+        TypeError,
+        "x is torch.uint8: a tensor input is used as given, so it must be floating point (torch.float64)",
+    ),
+    Case("int64 tensor", lambda: streamed()(torch.zeros(1, 3, H, W, dtype=torch.int64)), TypeError, "to_model_input"),
     Case("3-D tensor", lambda: streamed()(torch.zeros(3, H, W, dtype=torch.float64)), ValueError, "(N, C, H, W)"),
-    Case("to_model_input int16", lambda: to_model_input(torch.zeros(3, 4, 4, dtype=torch.int16)), TypeError,
-         "uint8 or floating-point pixels, got torch.int16"),
-    Case("to_model_input one channel", lambda: to_model_input(torch.zeros(1, 4, 4, dtype=torch.uint8)), ValueError,
-         "pixels have 1 channels but mean and std have 3"),
+    Case(
+        "to_model_input int16",
+        lambda: to_model_input(torch.zeros(3, 4, 4, dtype=torch.int16)),
+        TypeError,
+        "uint8 or floating-point pixels, got torch.int16",
+    ),
+    Case(
+        "to_model_input one channel",
+        lambda: to_model_input(torch.zeros(1, 4, 4, dtype=torch.uint8)),
+        ValueError,
+        "pixels have 1 channels but mean and std have 3",
+    ),
     # ---- lazy sources: the declared shape and dtype
     Case("2-D source", lambda: streamed()(np.zeros((H, W), np.uint8)), LazySourceError, "needs .shape == (C, H, W)"),
-    Case("(H, W, C) source", lambda: streamed()(Source("hwc", pixels=PIXELS.transpose(1, 2, 0).copy())),
-         LazySourceError, "Source('hwc') has shape (64, 60, 3), which looks like (H, W, C)"),
-    Case("no read, no slicing", lambda: streamed()(ShapeOnly()), LazySourceError, "neither .read(y, x, h, w) nor slicing"),
-    Case("declares uint16", lambda: streamed()(Source("u16", pixels=PIXELS.astype(np.uint16), dtype=np.uint16)),
-         LazySourceError, "Source('u16') declares .dtype uint16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]"),
-    Case("declares a non-dtype", lambda: streamed()(Source("odd", dtype="pixels")), LazySourceError,
-         "Source('odd') declares .dtype 'pixels', which is not a NumPy dtype"),
-    Case("one channel, ImageNet normalisation", lambda: streamed()(Source("grey", pixels=PIXELS[:1].copy())),
-         ValueError, "pixels have 1 channels but mean and std have 3"),
+    Case(
+        "(H, W, C) source",
+        lambda: streamed()(Source("hwc", pixels=PIXELS.transpose(1, 2, 0).copy())),
+        LazySourceError,
+        "Source('hwc') has shape (64, 60, 3), which looks like (H, W, C)",
+    ),
+    Case(
+        "no read, no slicing", lambda: streamed()(ShapeOnly()), LazySourceError, "neither .read(y, x, h, w) nor slicing"
+    ),
+    Case(
+        "declares uint16",
+        lambda: streamed()(Source("u16", pixels=PIXELS.astype(np.uint16), dtype=np.uint16)),
+        LazySourceError,
+        "Source('u16') declares .dtype uint16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]",
+    ),
+    Case(
+        "declares a non-dtype",
+        lambda: streamed()(Source("odd", dtype="pixels")),
+        LazySourceError,
+        "Source('odd') declares .dtype 'pixels', which is not a NumPy dtype",
+    ),
+    Case(
+        "one channel, ImageNet normalisation",
+        lambda: streamed()(Source("grey", pixels=PIXELS[:1].copy())),
+        ValueError,
+        "pixels have 1 channels but mean and std have 3",
+    ),
     # ---- lazy sources: every tile read
-    Case("read one row short", lambda: streamed()(Source("short", lambda t: t[:, :-1])), LazySourceError,
-         f"Source('short'), region {FIRST_REGION}: returned an array of shape (3, {FIRST_H - 1}, {FIRST_W}), "
-         f"expected (C, h, w) = (3, {FIRST_H}, {FIRST_W})"),
-    Case("read one channel of three", lambda: streamed()(Source("one", lambda t: t[:1])), LazySourceError,
-         "returned 1 channels, the source declares 3"),
-    Case("read channels last", lambda: streamed()(Source("hwc-read", lambda t: t.transpose(1, 2, 0))), LazySourceError,
-         "(h, w, C) layout? Return channels first"),
-    Case("read returns None", lambda: streamed()(Source("none", lambda t: None)), LazySourceError,
-         f"Source('none'), region {FIRST_REGION}: returned None"),
-    Case("float 0-255", lambda: streamed()(Source("f255", lambda t: t.astype(np.float32))), LazySourceError,
-         "float pixels must lie in [0, 1], got values in [0, 255]"),
-    Case("float with NaN", lambda: streamed()(Source("nan", with_nan)), LazySourceError,
-         "float pixels must lie in [0, 1], got values in [nan, nan]"),
-    Case("uint16 tile", lambda: streamed()(Source("u16-read", lambda t: t.astype(np.uint16))), LazySourceError,
-         "returned dtype uint16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]"),
-    Case("int16 tile", lambda: streamed()(Source("i16-read", lambda t: t.astype(np.int16))), LazySourceError,
-         "returned dtype int16"),
-    Case("tile dtype differs from the declared one", lambda: streamed()(Source("liar", lambda t: t / 255.0, dtype=np.uint8)),
-         LazySourceError, "returned dtype float64 but declares .dtype uint8"),
+    Case(
+        "read one row short",
+        lambda: streamed()(Source("short", lambda t: t[:, :-1])),
+        LazySourceError,
+        f"Source('short'), region {FIRST_REGION}: returned an array of shape (3, {FIRST_H - 1}, {FIRST_W}), "
+        f"expected (C, h, w) = (3, {FIRST_H}, {FIRST_W})",
+    ),
+    Case(
+        "read one channel of three",
+        lambda: streamed()(Source("one", lambda t: t[:1])),
+        LazySourceError,
+        "returned 1 channels, the source declares 3",
+    ),
+    Case(
+        "read channels last",
+        lambda: streamed()(Source("hwc-read", lambda t: t.transpose(1, 2, 0))),
+        LazySourceError,
+        "(h, w, C) layout? Return channels first",
+    ),
+    Case(
+        "read returns None",
+        lambda: streamed()(Source("none", lambda t: None)),
+        LazySourceError,
+        f"Source('none'), region {FIRST_REGION}: returned None",
+    ),
+    Case(
+        "float 0-255",
+        lambda: streamed()(Source("f255", lambda t: t.astype(np.float32))),
+        LazySourceError,
+        "float pixels must lie in [0, 1], got values in [0, 255]",
+    ),
+    Case(
+        "float with NaN",
+        lambda: streamed()(Source("nan", with_nan)),
+        LazySourceError,
+        "float pixels must lie in [0, 1], got values in [nan, nan]",
+    ),
+    Case(
+        "uint16 tile",
+        lambda: streamed()(Source("u16-read", lambda t: t.astype(np.uint16))),
+        LazySourceError,
+        "returned dtype uint16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]",
+    ),
+    Case(
+        "int16 tile",
+        lambda: streamed()(Source("i16-read", lambda t: t.astype(np.int16))),
+        LazySourceError,
+        "returned dtype int16",
+    ),
+    Case(
+        "tile dtype differs from the declared one",
+        lambda: streamed()(Source("liar", lambda t: t / 255.0, dtype=np.uint8)),
+        LazySourceError,
+        "returned dtype float64 but declares .dtype uint8",
+    ),
     # ---- lazy sources returning tensors: checked like arrays (the [0, 1] range on the host only)
-    Case("tensor read one row short", lambda: streamed()(Source("t-short", lambda t: torch.from_numpy(t[:, :-1]))),
-         LazySourceError, f"Source('t-short'), region {FIRST_REGION}: returned an array of shape "
-         f"(3, {FIRST_H - 1}, {FIRST_W}), expected (C, h, w) = (3, {FIRST_H}, {FIRST_W})"),
-    Case("int16 tensor tile", lambda: streamed()(Source("t-i16", lambda t: torch.from_numpy(t.astype(np.int16)))),
-         LazySourceError, "returned dtype torch.int16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]"),
-    Case("bfloat16 tensor tile", lambda: streamed()(Source("t-bf16", lambda t: torch.from_numpy(t / 255.0).bfloat16())),
-         LazySourceError, "returned dtype torch.bfloat16; a lazy source returns"),
-    Case("float tensor 0-255", lambda: streamed()(Source("t-f255", lambda t: torch.from_numpy(t.astype(np.float32)))),
-         LazySourceError, "float pixels must lie in [0, 1], got values in [0, 255]"),
-    Case("tensor dtype differs from the declared one",
-         lambda: streamed()(Source("t-liar", lambda t: torch.from_numpy(t / 255.0), dtype=np.uint8)),
-         LazySourceError, "returned dtype torch.float64 but declares .dtype uint8"),
+    Case(
+        "tensor read one row short",
+        lambda: streamed()(Source("t-short", lambda t: torch.from_numpy(t[:, :-1]))),
+        LazySourceError,
+        f"Source('t-short'), region {FIRST_REGION}: returned an array of shape "
+        f"(3, {FIRST_H - 1}, {FIRST_W}), expected (C, h, w) = (3, {FIRST_H}, {FIRST_W})",
+    ),
+    Case(
+        "int16 tensor tile",
+        lambda: streamed()(Source("t-i16", lambda t: torch.from_numpy(t.astype(np.int16)))),
+        LazySourceError,
+        "returned dtype torch.int16; a lazy source returns uint8 (0-255) or float16/32/64 in [0, 1]",
+    ),
+    Case(
+        "bfloat16 tensor tile",
+        lambda: streamed()(Source("t-bf16", lambda t: torch.from_numpy(t / 255.0).bfloat16())),
+        LazySourceError,
+        "returned dtype torch.bfloat16; a lazy source returns",
+    ),
+    Case(
+        "float tensor 0-255",
+        lambda: streamed()(Source("t-f255", lambda t: torch.from_numpy(t.astype(np.float32)))),
+        LazySourceError,
+        "float pixels must lie in [0, 1], got values in [0, 255]",
+    ),
+    Case(
+        "tensor dtype differs from the declared one",
+        lambda: streamed()(Source("t-liar", lambda t: torch.from_numpy(t / 255.0), dtype=np.uint8)),
+        LazySourceError,
+        "returned dtype torch.float64 but declares .dtype uint8",
+    ),
     # ---- read-ahead settings
     Case("prefetch negative", lambda: streamed(prefetch=-1), ValueError, "prefetch must be an int >= 0, got -1"),
     Case("prefetch float", lambda: streamed(prefetch=1.5), ValueError, "prefetch must be an int >= 0, got 1.5"),
     Case("read_threads zero", lambda: streamed(read_threads=0), ValueError, "read_threads must be an int >= 1, got 0"),
-    Case("read_threads bool", lambda: streamed(read_threads=True), ValueError, "read_threads must be an int >= 1, got True"),
+    Case(
+        "read_threads bool",
+        lambda: streamed(read_threads=True),
+        ValueError,
+        "read_threads must be an int >= 1, got True",
+    ),
 ]
 
 
@@ -179,7 +294,7 @@ def test_broken_tiles_name_the_region_they_came_from():
     region = (bad.row.start, bad.col.start, *bad.shape)
 
     def short_at_the_fourth_tile(y, x, h, w):
-        tile = PIXELS[:, y:y + h, x:x + w]
+        tile = PIXELS[:, y : y + h, x : x + w]
         return tile[:, :-1] if (y, x, h, w) == region else tile
 
     source = Source("late")

@@ -82,8 +82,14 @@ def test_output_shapes(kind, pool, pool_size):
 def test_module_names_follow_clam():
     sb = CLAMSingleBranch(instance_loss=True, dropout=0.25)
     names = set(dict(sb.named_parameters()))
-    assert {"fc.0.weight", "attention.attention_a.0.weight", "attention.attention_b.0.weight",
-            "attention.attention_c.weight", "classifiers.weight", "instance_classifiers.1.weight"} <= names
+    assert {
+        "fc.0.weight",
+        "attention.attention_a.0.weight",
+        "attention.attention_b.0.weight",
+        "attention.attention_c.weight",
+        "classifiers.weight",
+        "instance_classifiers.1.weight",
+    } <= names
     assert sb.classifiers.weight.shape == (2, 512) and sb.attention.attention_c.weight.shape == (1, 256)
     assert any(isinstance(m, nn.Dropout) for m in sb.fc)
     mb = CLAMMultiBranch(n_classes=4)
@@ -135,9 +141,13 @@ def test_features_off_tissue_do_not_reach_the_output(kind, pool, H, W, seed):
     features = torch.randn(2, 6, H, W, generator=gen, dtype=torch.float64)
     mask = random_mask(2, H, W, gen, p=0.4)
     # Positions whose pooled window holds no tissue at all (all background without pooling).
-    inert = ~mask if pool is None else ~F.interpolate(
-        pooled_mask_oracle(mask, k)[:, None].double(), scale_factor=k, mode="nearest"
-    )[:, 0, :H, :W].bool()
+    inert = (
+        ~mask
+        if pool is None
+        else ~F.interpolate(pooled_mask_oracle(mask, k)[:, None].double(), scale_factor=k, mode="nearest")[
+            :, 0, :H, :W
+        ].bool()
+    )
     changed = features.clone()
     noise = 100 * torch.randn(features.shape, generator=gen, dtype=torch.float64)
     changed[inert[:, None].expand_as(features)] = noise[inert[:, None].expand_as(features)]
@@ -327,8 +337,17 @@ def test_backward_reaches_every_parameter_and_skips_background():
 
 @pytest.mark.parametrize("kind,pool", [("sb", None), ("mb", "avg"), ("sb", "max")])
 def test_gradcheck(kind, pool):
-    head = make_head(kind, in_dim=3, hidden_dim=4, attention_dim=3, n_classes=2, pool=pool, pool_size=2,
-                     instance_loss=True, k_sample=2)
+    head = make_head(
+        kind,
+        in_dim=3,
+        hidden_dim=4,
+        attention_dim=3,
+        n_classes=2,
+        pool=pool,
+        pool_size=2,
+        instance_loss=True,
+        k_sample=2,
+    )
     mask = torch.tensor([[[1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 1, 0]]])
     label = torch.tensor([1])
     features = torch.randn(1, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -108,9 +108,17 @@ def test_every_config_field_has_an_option_with_help_and_default():
         else:
             assert "(default: " in action.help, path
     text = parser.format_help()
-    for shown in ("--lr X", "Adam learning rate of the head (default: 0.0002)", "(default: 65536)",
-                  "(default: test_049)", "(default: --flip)", "(default: --no-skip-bad-slides)",
-                  "(default: none)", "--pool {max,avg,none}", "(default: max)"):
+    for shown in (
+        "--lr X",
+        "Adam learning rate of the head (default: 0.0002)",
+        "(default: 65536)",
+        "(default: test_049)",
+        "(default: --flip)",
+        "(default: --no-skip-bad-slides)",
+        "(default: none)",
+        "--pool {max,avg,none}",
+        "(default: max)",
+    ):
         assert shown in " ".join(text.split()), shown
 
 
@@ -131,19 +139,58 @@ def test_help_is_the_field_comment_in_the_source():
 
 
 def test_types_choices_and_none():
-    config = parse("--epochs", "3", "--lr", "1e-3", "--grad-clip", "2", "--amp", "bf16", "--sampler", "shuffle",
-                   "--exclude", "a", "b", "--pool", "avg", "--head", "mb", "--weights", "none",
-                   "--backward-tile-size", "512", "--splits-csv", "s.csv", "--dropout", "0.25")
-    expected = TrainConfig(epochs=3, lr=1e-3, grad_clip=2.0, amp="bf16", sampler="shuffle", exclude=["a", "b"],
-                           splits_csv="s.csv",
-                           model=ModelConfig(pool="avg", head="mb", weights=None, backward_tile_size=512, dropout=0.25))
+    config = parse(
+        "--epochs",
+        "3",
+        "--lr",
+        "1e-3",
+        "--grad-clip",
+        "2",
+        "--amp",
+        "bf16",
+        "--sampler",
+        "shuffle",
+        "--exclude",
+        "a",
+        "b",
+        "--pool",
+        "avg",
+        "--head",
+        "mb",
+        "--weights",
+        "none",
+        "--backward-tile-size",
+        "512",
+        "--splits-csv",
+        "s.csv",
+        "--dropout",
+        "0.25",
+    )
+    expected = TrainConfig(
+        epochs=3,
+        lr=1e-3,
+        grad_clip=2.0,
+        amp="bf16",
+        sampler="shuffle",
+        exclude=["a", "b"],
+        splits_csv="s.csv",
+        model=ModelConfig(pool="avg", head="mb", weights=None, backward_tile_size=512, dropout=0.25),
+    )
     assert config == expected
     assert type(config.epochs) is int and type(config.grad_clip) is float
     assert parse("--grad-clip", "none", "--pool", "none", "--phase2-tile-size", "None") == TrainConfig(
-        grad_clip=None, phase2_tile_size=None, model=ModelConfig(pool=None))
+        grad_clip=None, phase2_tile_size=None, model=ModelConfig(pool=None)
+    )
     assert parse("--exclude").exclude == []  # leave no slide out
-    for bad in (["--lr", "fast"], ["--epochs", "2.5"], ["--sampler", "random"], ["--pool", "min"],
-                ["--amp", "fp16"], ["--head", "xb"], ["--epoch", "3x"]):
+    for bad in (
+        ["--lr", "fast"],
+        ["--epochs", "2.5"],
+        ["--sampler", "random"],
+        ["--pool", "min"],
+        ["--amp", "fp16"],
+        ["--head", "xb"],
+        ["--epoch", "3x"],
+    ):
         with pytest.raises(SystemExit):
             _parser().parse_args(bad)
     for path, choices in CHOICES.items():
@@ -154,8 +201,9 @@ def test_types_choices_and_none():
 def test_bool_options():
     assert parse() == TrainConfig()
     config = parse("--no-flip", "--skip-bad-slides", "--no-calibrate-bn", "--channels-last", "--instance-loss")
-    assert config == TrainConfig(flip=False, skip_bad_slides=True, calibrate_bn=False,
-                                 model=ModelConfig(channels_last=True, instance_loss=True))
+    assert config == TrainConfig(
+        flip=False, skip_bad_slides=True, calibrate_bn=False, model=ModelConfig(channels_last=True, instance_loss=True)
+    )
     assert parse("--flip", "--no-skip-bad-slides") == TrainConfig()
     assert parse("--no-progress").progress is False and parse("-q").progress is False
 
@@ -163,8 +211,24 @@ def test_bool_options():
 def test_cli_overrides_config_file(tmp_path):  # moved from test_train.py
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"epochs": 7, "lr": 0.5, "model": {"width": 4, "tile_size": 640}}))
-    args = _parser().parse_args(["--config", str(path), "--data", "D", "--out", "O", "--lr", "0.25",
-                                 "--width", "2", "--no-flip", "--pool", "none", "--quiet"])
+    args = _parser().parse_args(
+        [
+            "--config",
+            str(path),
+            "--data",
+            "D",
+            "--out",
+            "O",
+            "--lr",
+            "0.25",
+            "--width",
+            "2",
+            "--no-flip",
+            "--pool",
+            "none",
+            "--quiet",
+        ]
+    )
     config = config_from_args(args)
     assert (config.epochs, config.lr, config.data_dir, config.out_dir) == (7, 0.25, "D", "O")
     assert (config.model.width, config.model.tile_size, config.model.pool) == (2, 640, None)
@@ -173,13 +237,21 @@ def test_cli_overrides_config_file(tmp_path):  # moved from test_train.py
 
 def test_precedence_defaults_then_file_then_options(tmp_path):
     # the file sets values that differ from the defaults, booleans and None included
-    stored = TrainConfig(data_dir="D", out_dir=str(tmp_path / "run"), epochs=7, flip=False, grad_clip=1.5,
-                         exclude=[], model=ModelConfig(width=4, pool=None))
+    stored = TrainConfig(
+        data_dir="D",
+        out_dir=str(tmp_path / "run"),
+        epochs=7,
+        flip=False,
+        grad_clip=1.5,
+        exclude=[],
+        model=ModelConfig(width=4, pool=None),
+    )
     save_config(stored, tmp_path / "file")
     from_file = parse("--config", str(tmp_path / "file" / "config.json"))
     assert from_file == stored  # options not given leave the file's values alone
-    assert parse("--config", str(tmp_path / "file" / "config.json"), "--flip", "--pool", "max", "--epochs", "9") \
-        == dataclasses.replace(stored, flip=True, epochs=9, model=ModelConfig(width=4, pool="max"))
+    assert parse(
+        "--config", str(tmp_path / "file" / "config.json"), "--flip", "--pool", "max", "--epochs", "9"
+    ) == dataclasses.replace(stored, flip=True, epochs=9, model=ModelConfig(width=4, pool="max"))
     # --resume reads RUN/config.json when no --config is given
     save_config(stored, tmp_path / "run")
     assert parse("--resume", "--out", str(tmp_path / "run"), "--epochs", "12") == dataclasses.replace(stored, epochs=12)
@@ -205,15 +277,25 @@ def test_generated_parser_for_every_annotation_kind():
     parser = argparse.ArgumentParser(prog="example")
     paths = add_dataclass_options(parser, Example, title="general")
     assert paths == [f.name for f in dataclasses.fields(Example)]
-    args = parser.parse_args(["--size", "4", "6", "--sizes", "1", "2.5", "--mode", "b", "--limit", "none",
-                              "--no-on", "--tags", "x", "y"])
+    args = parser.parse_args(
+        ["--size", "4", "6", "--sizes", "1", "2.5", "--mode", "b", "--limit", "none", "--no-on", "--tags", "x", "y"]
+    )
     assert apply_options(Example(), given_options(args, paths)) == Example(
-        size=(4, 6), sizes=(1.0, 2.5), mode="b", limit=None, on=False, tags=["x", "y"])
+        size=(4, 6), sizes=(1.0, 2.5), mode="b", limit=None, on=False, tags=["x", "y"]
+    )
     assert apply_options(Example(limit=2.0), given_options(parser.parse_args([]), paths)) == Example(limit=2.0)
     help_text = " ".join(parser.format_help().split())
-    for shown in ("numbers:", "--size N N", "height and width (default: 2 5)", "--mode {a,b}",
-                  "at most this; none = no limit (default: none)", "switch (default: --on)",
-                  "labels (default: none given)", "who; required", "--sizes X [X ...]"):
+    for shown in (
+        "numbers:",
+        "--size N N",
+        "height and width (default: 2 5)",
+        "--mode {a,b}",
+        "at most this; none = no limit (default: none)",
+        "switch (default: --on)",
+        "labels (default: none given)",
+        "who; required",
+        "--sizes X [X ...]",
+    ):
         assert shown in help_text, shown
     for bad in (["--size", "4"], ["--mode", "c"], ["--count", "x"]):
         with pytest.raises(SystemExit):
@@ -237,14 +319,16 @@ def test_program_name_in_usage(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main()
     assert capsys.readouterr().out.startswith("usage: streamingclam train ")
-    result = subprocess.run([sys.executable, "-m", "torch_impl", "demo", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch_impl", "demo", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m torch_impl demo "), result.stderr
 
 
 def test_cli_help_smoke():  # moved from test_train.py
-    result = subprocess.run([sys.executable, "-m", "torch_impl", "train", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch_impl", "train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "--resume" in result.stdout and "--skip-bad-slides" in result.stdout
 
@@ -273,10 +357,15 @@ def _console_level() -> int:
     return logs._console.level
 
 
-@pytest.mark.parametrize("flag, verbosity, level", [("-q", logs.QUIET, logging.WARNING),
-                                                   ("--quiet", logs.QUIET, logging.WARNING),
-                                                   ("-v", logs.VERBOSE, logging.DEBUG),
-                                                   (None, logs.NORMAL, logging.INFO)])
+@pytest.mark.parametrize(
+    "flag, verbosity, level",
+    [
+        ("-q", logs.QUIET, logging.WARNING),
+        ("--quiet", logs.QUIET, logging.WARNING),
+        ("-v", logs.VERBOSE, logging.DEBUG),
+        (None, logs.NORMAL, logging.INFO),
+    ],
+)
 def test_quiet_and_verbose_mean_the_same_before_and_after_the_command(monkeypatch, flag, verbosity, level):
     seen = []
 
@@ -329,26 +418,64 @@ def test_train_command_writes_train_log_and_quiet_turns_progress_off(monkeypatch
 
 
 def test_make_demo_data_command_writes_layout(tmp_path):  # moved from test_data.py
-    status = main_make_demo_data([str(tmp_path), "--n-normal", "1", "--n-tumor", "1",
-                                  "--n-test-normal", "0", "--n-test-tumor", "1",
-                                  "--size", "512", "--seed", "3"])
+    status = main_make_demo_data(
+        [
+            str(tmp_path),
+            "--n-normal",
+            "1",
+            "--n-tumor",
+            "1",
+            "--n-test-normal",
+            "0",
+            "--n-test-tumor",
+            "1",
+            "--size",
+            "512",
+            "--seed",
+            "3",
+        ]
+    )
     assert status == 0
     records = discover(tmp_path)
-    assert [(r.slide_id, r.label) for r in records] == [("normal_001", 0), ("tumor_001", 1),
-                                                        ("test_001", 1)]
+    assert [(r.slide_id, r.label) for r in records] == [("normal_001", 0), ("tumor_001", 1), ("test_001", 1)]
     with Slide(records[2].path, mpp=0.5) as s:
         assert s.level_count == 2 and s.shape == (3, 256, 256)
-    assert cli.main(["make-demo-data", str(tmp_path / "again"), "--n-normal", "1", "--n-tumor", "0",
-                     "--n-test-normal", "0", "--n-test-tumor", "0", "--size", "256", "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "make-demo-data",
+                str(tmp_path / "again"),
+                "--n-normal",
+                "1",
+                "--n-tumor",
+                "0",
+                "--n-test-normal",
+                "0",
+                "--n-test-tumor",
+                "0",
+                "--size",
+                "256",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert [r.slide_id for r in discover(tmp_path / "again")] == ["normal_001"]
 
 
 # ============================================================================ the demo's summary
 SUMMARY = {
-    "auc": 1.0, "auc_ci95": [0.875, 1.0], "accuracy": 0.75, "n_test_slides": 8, "n_tumor": 4,
-    "train_dir": "demo_run/train", "eval_dir": "demo_run/eval", "heatmap_dir": "demo_run/heatmaps",
+    "auc": 1.0,
+    "auc_ci95": [0.875, 1.0],
+    "accuracy": 0.75,
+    "n_test_slides": 8,
+    "n_tumor": 4,
+    "train_dir": "demo_run/train",
+    "eval_dir": "demo_run/eval",
+    "heatmap_dir": "demo_run/heatmaps",
     "attention_auc": {"test_004": 0.8541, "test_002": 0.99549, "test_007": None},
-    "seconds": 80.44, "seconds_per_step": {"data": 10.2, "train": 63.0, "evaluate": 2.4, "heatmaps": 4.8},
+    "seconds": 80.44,
+    "seconds_per_step": {"data": 10.2, "train": 63.0, "evaluate": 2.4, "heatmaps": 4.8},
 }
 
 
@@ -364,7 +491,8 @@ def test_summary_format():
     undefined = {**SUMMARY, "auc": None, "auc_ci95": None, "accuracy": None, "attention_auc": {}}
     assert format_summary(undefined).splitlines()[1:3] == [
         "test AUC undefined (95% CI undefined), accuracy undefined on 8 slides (4 tumour)",
-        "attention AUC, lesion vs other tissue: none"]
+        "attention AUC, lesion vs other tissue: none",
+    ]
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -423,8 +551,10 @@ def test_run_demo_writes_train_log_and_returns_the_summary(monkeypatch, tmp_path
 
 
 def test_option_types_follow_the_annotations():
-    hints = {**typing.get_type_hints(TrainConfig),
-             **{f"model.{k}": v for k, v in typing.get_type_hints(ModelConfig).items()}}
+    hints = {
+        **typing.get_type_hints(TrainConfig),
+        **{f"model.{k}": v for k, v in typing.get_type_hints(ModelConfig).items()},
+    }
     by_dest = {a.dest: a for a in _parser()._actions}
     for path, _ in train_fields():
         hint, action = hints[path], by_dest[path]
@@ -465,13 +595,19 @@ def test_option_parser_builds_the_dataclass(capsys):
     assert got == Command(inputs=[Path("a")], out=Path("x"), extra=Path("e.xml"), mode="slow", where="there")
     assert type(got.out) is PosixPathType and parser.parse(["a", "--extra", "none"]).extra is None
     help_text = " ".join(parser.format_help().split())
-    for shown in ("usage: cmd [-h] [--where PLACE] [--to DIR] [--extra PATH] [--mode {fast,slow}] INPUT [INPUT ...]",
-                  "INPUT files to read", "--where PLACE where to look (default: here)",  # the base's comment
-                  "--to DIR output folder, with a default here (default: o)", "(default: none)"):
+    for shown in (
+        "usage: cmd [-h] [--where PLACE] [--to DIR] [--extra PATH] [--mode {fast,slow}] INPUT [INPUT ...]",
+        "INPUT files to read",
+        "--where PLACE where to look (default: here)",  # the base's comment
+        "--to DIR output folder, with a default here (default: o)",
+        "(default: none)",
+    ):
         assert shown in help_text, shown
-    for argv, message in ((["--mode", "slow"], "the following arguments are required: INPUT"),
-                          (["a", "--mode", "medium"], "invalid choice: 'medium'"),
-                          (["a", "--where", "nowhere"], "--where must be somewhere")):  # __post_init__'s check
+    for argv, message in (
+        (["--mode", "slow"], "the following arguments are required: INPUT"),
+        (["a", "--mode", "medium"], "invalid choice: 'medium'"),
+        (["a", "--where", "nowhere"], "--where must be somewhere"),
+    ):  # __post_init__'s check
         with pytest.raises(SystemExit) as e:
             parser.parse(argv)
         lines = capsys.readouterr().err.splitlines()
@@ -492,22 +628,65 @@ PosixPathType = type(Path("."))
 #: tutorial 05, tests and users rely on them): (command, options, the minimal arguments, the
 #: old parser's values for them, as {options field: value}).
 OLD_COMMANDS = [
-    ("evaluate", "--data --checkpoint --out --mpp --device --split --splits --skip-bad-slides --amp --bootstrap "
-                 "--seed -q -v", ["--data", "D", "--checkpoint", "C.pt", "--out", "O"],
-     dict(data_dir=Path("D"), checkpoint=Path("C.pt"), out_dir=Path("O"), mpp=None, device="auto", split="test",
-          splits_csv=None, skip_bad_slides=False, amp="auto", n_bootstrap=2000, seed=0)),
-    ("predict", "--checkpoint --out --mpp --device --amp --heatmaps --skip-bad-slides",
-     ["s1.tif", "folder", "--checkpoint", "C.pt", "--out", "O"],
-     dict(slides=[Path("s1.tif"), Path("folder")], checkpoint=Path("C.pt"), out_dir=Path("O"), mpp=None,
-          device="auto", amp="auto", heatmaps=False, skip_bad_slides=False)),
-    ("heatmap", "--slide --checkpoint --out --annotation --mpp --device --attention --thumbnail-size "
-                "--tiff-downsample --amp", ["--slide", "S.tif", "--out", "O", "--attention", "A.npy"],
-     dict(slide=Path("S.tif"), checkpoint=None, out_dir=Path("O"), annotation=None, mpp=None, device="auto",
-          attention=Path("A.npy"), thumbnail_size=1024, tiff_downsample=None, amp="auto")),
+    (
+        "evaluate",
+        "--data --checkpoint --out --mpp --device --split --splits --skip-bad-slides --amp --bootstrap --seed -q -v",
+        ["--data", "D", "--checkpoint", "C.pt", "--out", "O"],
+        dict(
+            data_dir=Path("D"),
+            checkpoint=Path("C.pt"),
+            out_dir=Path("O"),
+            mpp=None,
+            device="auto",
+            split="test",
+            splits_csv=None,
+            skip_bad_slides=False,
+            amp="auto",
+            n_bootstrap=2000,
+            seed=0,
+        ),
+    ),
+    (
+        "predict",
+        "--checkpoint --out --mpp --device --amp --heatmaps --skip-bad-slides",
+        ["s1.tif", "folder", "--checkpoint", "C.pt", "--out", "O"],
+        dict(
+            slides=[Path("s1.tif"), Path("folder")],
+            checkpoint=Path("C.pt"),
+            out_dir=Path("O"),
+            mpp=None,
+            device="auto",
+            amp="auto",
+            heatmaps=False,
+            skip_bad_slides=False,
+        ),
+    ),
+    (
+        "heatmap",
+        "--slide --checkpoint --out --annotation --mpp --device --attention --thumbnail-size --tiff-downsample --amp",
+        ["--slide", "S.tif", "--out", "O", "--attention", "A.npy"],
+        dict(
+            slide=Path("S.tif"),
+            checkpoint=None,
+            out_dir=Path("O"),
+            annotation=None,
+            mpp=None,
+            device="auto",
+            attention=Path("A.npy"),
+            thumbnail_size=1024,
+            tiff_downsample=None,
+            amp="auto",
+        ),
+    ),
     ("demo", "--out --data --device -q -v", [], dict(out_dir=Path("demo_run"), data_dir=None, device="auto")),
-    ("make-demo-data", "--n-normal --n-tumor --n-test-normal --n-test-tumor --size --mpp --seed -q -v", ["R"],
-     dict(root=Path("R"), n_normal=6, n_tumor=6, n_test_normal=4, n_test_tumor=4, size=(2048, 2048), mpp=0.25,
-          seed=0)),
+    (
+        "make-demo-data",
+        "--n-normal --n-tumor --n-test-normal --n-test-tumor --size --mpp --seed -q -v",
+        ["R"],
+        dict(
+            root=Path("R"), n_normal=6, n_tumor=6, n_test_normal=4, n_test_tumor=4, size=(2048, 2048), mpp=0.25, seed=0
+        ),
+    ),
 ]
 
 
@@ -537,8 +716,15 @@ def test_every_option_and_default_of_before_still_exists(monkeypatch, command, o
             assert re.sub(r" \((default: .*|required)\)$", "", action.help).strip(), action.dest
 
 
-@pytest.mark.parametrize("run, options", [(evaluate_run, EvaluateOptions), (predict_run, PredictOptions),
-                                          (run_demo, DemoOptions), (make_demo_data, MakeDemoDataOptions)])
+@pytest.mark.parametrize(
+    "run, options",
+    [
+        (evaluate_run, EvaluateOptions),
+        (predict_run, PredictOptions),
+        (run_demo, DemoOptions),
+        (make_demo_data, MakeDemoDataOptions),
+    ],
+)
 def test_run_functions_take_their_commands_options(run, options):
     """The function behind a command has the options' fields as arguments, with the same defaults
     (its docstring points at the options for their meaning; extra arguments have defaults)."""
@@ -552,8 +738,11 @@ def test_run_functions_take_their_commands_options(run, options):
             assert Path(default) == f.default, f.name  # the function also takes a str
         else:
             assert default == f.default, f.name
-    assert all(p.default is not inspect.Parameter.empty for n, p in params.items()
-               if n not in {f.name for f in dataclasses.fields(options)})
+    assert all(
+        p.default is not inspect.Parameter.empty
+        for n, p in params.items()
+        if n not in {f.name for f in dataclasses.fields(options)}
+    )
 
 
 def test_shared_options_are_written_once():
@@ -564,8 +753,14 @@ def test_shared_options_are_written_once():
         assert issubclass(cls, BatchInferenceOptions)
     assert issubclass(DemoOptions, ComputeOptions) and issubclass(InferenceOptions, ComputeOptions)
     shared = {f.name for f in dataclasses.fields(BatchInferenceOptions)}
-    declared = {cls: set(cls.__dict__.get("__annotations__", {})) & shared  # fields written in the class body
-                for cls in (EvaluateOptions, PredictOptions, HeatmapOptions, DemoOptions)}
+    declared = {
+        cls: set(cls.__dict__.get("__annotations__", {})) & shared  # fields written in the class body
+        for cls in (EvaluateOptions, PredictOptions, HeatmapOptions, DemoOptions)
+    }
     # heatmap's --checkpoint is optional (it can draw a saved map); demo's --out has a default
-    assert declared == {EvaluateOptions: set(), PredictOptions: set(), HeatmapOptions: {"checkpoint"},
-                        DemoOptions: {"out_dir"}}
+    assert declared == {
+        EvaluateOptions: set(),
+        PredictOptions: set(),
+        HeatmapOptions: {"checkpoint"},
+        DemoOptions: {"out_dir"},
+    }

@@ -56,8 +56,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = build_model(CONFIG).eval()
     checkpoint = root / "model.pt"
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(CONFIG),
-                "train_config": {"mpp": MPP}}, checkpoint)
+    torch.save(
+        {"model": model.state_dict(), "model_config": dataclasses.asdict(CONFIG), "train_config": {"mpp": MPP}},
+        checkpoint,
+    )
     (root / "text.pt").write_text("not a checkpoint\n")
     data = checkpoint.read_bytes()
     (root / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -65,8 +67,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "a_file").write_text("a file where a folder should be\n")
     images = root / "data" / "testing" / "images"
     save_prediction(predict_file(model, images / "test_001.tif", MPP), root / "attention")
-    return {"root": root, "data": root / "data", "checkpoint": checkpoint, "images": images,
-            "attention_001": root / "attention" / "test_001.npy"}
+    return {
+        "root": root,
+        "data": root / "data",
+        "checkpoint": checkpoint,
+        "images": images,
+        "attention_001": root / "attention" / "test_001.npy",
+    }
 
 
 def _evaluate(f, **changes) -> list[str]:
@@ -77,41 +84,121 @@ def _evaluate(f, **changes) -> list[str]:
 
 #: (row id, the arguments of `python -m torch_impl` from the files, what the message must name).
 ROWS = [
-    ("evaluate: missing --data folder",
-     lambda f: _evaluate(f, **{"--data": f["root"] / "no_data"}), "no_data"),
-    ("evaluate: missing checkpoint",
-     lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "missing.pt"}), "missing.pt"),
-    ("evaluate: checkpoint is a text file",
-     lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "text.pt"}), "text.pt"),
-    ("evaluate: truncated checkpoint",
-     lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "truncated.pt"}), "truncated.pt"),
+    ("evaluate: missing --data folder", lambda f: _evaluate(f, **{"--data": f["root"] / "no_data"}), "no_data"),
+    (
+        "evaluate: missing checkpoint",
+        lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "missing.pt"}),
+        "missing.pt",
+    ),
+    (
+        "evaluate: checkpoint is a text file",
+        lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "text.pt"}),
+        "text.pt",
+    ),
+    (
+        "evaluate: truncated checkpoint",
+        lambda f: _evaluate(f, **{"--checkpoint": f["root"] / "truncated.pt"}),
+        "truncated.pt",
+    ),
     ("evaluate: --mpp 0", lambda f: _evaluate(f, **{"--mpp": 0}), "--mpp"),
     ("evaluate: --mpp -1", lambda f: _evaluate(f, **{"--mpp": -1}), "--mpp"),
-    ("evaluate: --out is a file (an OSError)",
-     lambda f: _evaluate(f, **{"--out": f["root"] / "a_file"}), "a_file"),
-    ("evaluate: --split val without a splits CSV",
-     lambda f: _evaluate(f, **{"--split": "val", "--splits": f["root"] / "no_splits.csv"}), "no_splits.csv"),
-    ("predict: --mpp -1",
-     lambda f: ["predict", str(f["images"]), "--checkpoint", str(f["checkpoint"]), "--out", str(f["root"] / "p"),
-                "--device", "cpu", "--mpp", "-1"], "--mpp"),
-    ("predict: an empty folder",
-     lambda f: ["predict", str(f["root"] / "empty"), "--checkpoint", str(f["checkpoint"]),
-                "--out", str(f["root"] / "p"), "--device", "cpu"], "empty"),
-    ("heatmap: missing slide",
-     lambda f: ["heatmap", "--slide", str(f["images"] / "test_404.tif"), "--checkpoint", str(f["checkpoint"]),
-                "--out", str(f["root"] / "h"), "--device", "cpu"], "test_404.tif"),
-    ("heatmap: another slide's attention map",
-     lambda f: ["heatmap", "--slide", str(f["images"] / "test_003.tif"), "--attention", str(f["attention_001"]),
-                "--out", str(f["root"] / "h")], "test_001"),
-    ("heatmap: --mpp 0",
-     lambda f: ["heatmap", "--slide", str(f["images"] / "test_001.tif"), "--attention", str(f["attention_001"]),
-                "--out", str(f["root"] / "h"), "--mpp", "0"], "--mpp"),
-    ("train: missing data dir",
-     lambda f: ["train", "--data", str(f["root"] / "no_train_data"), "--out", str(f["root"] / "run"),
-                "--device", "cpu"], "no_train_data"),
-    ("train: missing --config file",
-     lambda f: ["train", "--config", str(f["root"] / "no_config.json"), "--out", str(f["root"] / "run2")],
-     "no_config.json"),
+    ("evaluate: --out is a file (an OSError)", lambda f: _evaluate(f, **{"--out": f["root"] / "a_file"}), "a_file"),
+    (
+        "evaluate: --split val without a splits CSV",
+        lambda f: _evaluate(f, **{"--split": "val", "--splits": f["root"] / "no_splits.csv"}),
+        "no_splits.csv",
+    ),
+    (
+        "predict: --mpp -1",
+        lambda f: [
+            "predict",
+            str(f["images"]),
+            "--checkpoint",
+            str(f["checkpoint"]),
+            "--out",
+            str(f["root"] / "p"),
+            "--device",
+            "cpu",
+            "--mpp",
+            "-1",
+        ],
+        "--mpp",
+    ),
+    (
+        "predict: an empty folder",
+        lambda f: [
+            "predict",
+            str(f["root"] / "empty"),
+            "--checkpoint",
+            str(f["checkpoint"]),
+            "--out",
+            str(f["root"] / "p"),
+            "--device",
+            "cpu",
+        ],
+        "empty",
+    ),
+    (
+        "heatmap: missing slide",
+        lambda f: [
+            "heatmap",
+            "--slide",
+            str(f["images"] / "test_404.tif"),
+            "--checkpoint",
+            str(f["checkpoint"]),
+            "--out",
+            str(f["root"] / "h"),
+            "--device",
+            "cpu",
+        ],
+        "test_404.tif",
+    ),
+    (
+        "heatmap: another slide's attention map",
+        lambda f: [
+            "heatmap",
+            "--slide",
+            str(f["images"] / "test_003.tif"),
+            "--attention",
+            str(f["attention_001"]),
+            "--out",
+            str(f["root"] / "h"),
+        ],
+        "test_001",
+    ),
+    (
+        "heatmap: --mpp 0",
+        lambda f: [
+            "heatmap",
+            "--slide",
+            str(f["images"] / "test_001.tif"),
+            "--attention",
+            str(f["attention_001"]),
+            "--out",
+            str(f["root"] / "h"),
+            "--mpp",
+            "0",
+        ],
+        "--mpp",
+    ),
+    (
+        "train: missing data dir",
+        lambda f: [
+            "train",
+            "--data",
+            str(f["root"] / "no_train_data"),
+            "--out",
+            str(f["root"] / "run"),
+            "--device",
+            "cpu",
+        ],
+        "no_train_data",
+    ),
+    (
+        "train: missing --config file",
+        lambda f: ["train", "--config", str(f["root"] / "no_config.json"), "--out", str(f["root"] / "run2")],
+        "no_config.json",
+    ),
 ]
 
 
@@ -144,8 +231,10 @@ def test_verbose_or_debug_adds_the_traceback(files, capsys, flags):
         status, err = _run(placed, capsys)
         assert status == 2
         assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err, err
-        assert err.strip().splitlines()[-1] == f"{PROG} evaluate: error: checkpoint not found: " \
+        assert (
+            err.strip().splitlines()[-1] == f"{PROG} evaluate: error: checkpoint not found: "
             f"{files['root'] / 'missing.pt'}"
+        )
 
 
 def _numpy_bug(argv, prog):
@@ -160,8 +249,9 @@ def _key_error(argv, prog):
     return {}["missing"]
 
 
-@pytest.mark.parametrize("runner, error", [(_numpy_bug, ValueError), (_own_value_error, ValueError),
-                                           (_key_error, KeyError)])
+@pytest.mark.parametrize(
+    "runner, error", [(_numpy_bug, ValueError), (_own_value_error, ValueError), (_key_error, KeyError)]
+)
 def test_unexpected_errors_keep_their_traceback(monkeypatch, capsys, runner, error):
     monkeypatch.setitem(cli.COMMANDS, "evaluate", (runner, "a stand-in"))
     with pytest.raises(error):
@@ -190,8 +280,9 @@ def test_usage_errors_are_one_line_with_a_pointer_to_help(files, capsys):
 
 def test_a_real_process_exits_with_status_2_and_one_line(files):
     argv = _evaluate(files, **{"--checkpoint": files["root"] / "text.pt"})
-    done = subprocess.run([sys.executable, "-m", "torch_impl", "-q", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch_impl", "-q", *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     lines = done.stderr.splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{PROG} evaluate: error: {files['root'] / 'text.pt'}: "), lines

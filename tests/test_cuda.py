@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests import helpers
 from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 from torch_impl.streaming import StreamingTrunk, to_model_input
-from tests import helpers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

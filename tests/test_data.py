@@ -64,8 +64,9 @@ def by_id(tiny, slide_id: str) -> SlideRecord:
 
 def truth(record: SlideRecord):
     """The generator's ground truth (masks, polygons) for a slide of the tiny data set."""
-    return synthesize_slide(TINY["size"], tumor=bool(record.label),
-                            seed=slide_seed(TINY["seed"], record.slide_id), mpp=TINY["mpp"])
+    return synthesize_slide(
+        TINY["size"], tumor=bool(record.label), seed=slide_seed(TINY["seed"], record.slide_id), mpp=TINY["mpp"]
+    )
 
 
 def tiff_level(path: Path, level: int) -> np.ndarray:
@@ -106,7 +107,7 @@ def test_svs_reads_level0_exactly(svs):
         for y, x, h, w in REGIONS + [(0, 0, 2967, 2220)]:
             got = s.read(y, x, h, w)
             assert got.shape == (3, h, w) and got.dtype == np.uint8
-            np.testing.assert_array_equal(got, ref[y:y + h, x:x + w].transpose(2, 0, 1))
+            np.testing.assert_array_equal(got, ref[y : y + h, x : x + w].transpose(2, 0, 1))
 
 
 def test_svs_resampled_matches_box_filter_and_tiles_agree(svs):
@@ -121,7 +122,7 @@ def test_svs_resampled_matches_box_filter_and_tiles_agree(svs):
         whole = s.read(0, 0, H, W)
         assert np.abs(whole.astype(int) - expected).max() <= 1
         for y, x, h, w in REGIONS:  # a tile equals the same window of the whole read
-            assert np.abs(s.read(y, x, h, w).astype(int) - whole[:, y:y + h, x:x + w]).max() <= 1
+            assert np.abs(s.read(y, x, h, w).astype(int) - whole[:, y : y + h, x : x + w]).max() <= 1
 
 
 def test_svs_out_of_bounds_is_white(svs):
@@ -132,7 +133,7 @@ def test_svs_out_of_bounds_is_white(svs):
         np.testing.assert_array_equal(got[:, 10:, 20:], ref[:, :40, :40])
         assert (got[:, :10] == 255).all() and (got[:, :, :20] == 255).all()
         got = s.read(H - 5, W - 7, 20, 30)
-        np.testing.assert_array_equal(got[:, :5, :7], ref[:, H - 5:, W - 7:])
+        np.testing.assert_array_equal(got[:, :5, :7], ref[:, H - 5 :, W - 7 :])
         assert (got[:, 5:] == 255).all() and (got[:, :, 7:] == 255).all()
         assert (s.read(H + 100, 0, 8, 8) == 255).all()
         assert s.read(0, 0, 0, 5).shape == (3, 0, 5)
@@ -152,8 +153,9 @@ def test_synthetic_tiffs_open_as_pyramids(tiny):
         osr.close()
 
 
-@pytest.mark.parametrize("mpp,level,shape", [(0.25, 0, 1024), (0.5, 1, 512), (0.53, 1, 512),
-                                             (1.0, 2, 256), (0.95, 2, 256)])
+@pytest.mark.parametrize(
+    "mpp,level,shape", [(0.25, 0, 1024), (0.5, 1, 512), (0.53, 1, 512), (1.0, 2, 256), (0.95, 2, 256)]
+)
 def test_synthetic_level_reads_equal_tifffile(tiny, mpp, level, shape):
     path = by_id(tiny, "tumor_001").path
     ref = tiff_level(path, level)  # (h, w, 3)
@@ -178,7 +180,7 @@ def test_synthetic_resampled_read(tiny):
         assert s.shape == (3, int(512 / 1.4), int(512 / 1.4))
         expected = box_resize(ref, s.shape[1:], s.resample)
         for y, x, h, w in [(0, 0, 365, 365), (37, 51, 100, 70), (129, 3, 1, 255)]:
-            assert np.abs(s.read(y, x, h, w).astype(int) - expected[:, y:y + h, x:x + w]).max() <= 1
+            assert np.abs(s.read(y, x, h, w).astype(int) - expected[:, y : y + h, x : x + w]).max() <= 1
 
 
 def test_thumbnail_is_box_mean_of_a_level(tiny, svs):
@@ -187,12 +189,10 @@ def test_thumbnail_is_box_mean_of_a_level(tiny, svs):
         th = s.thumbnail(200)  # 512 -> 200: 5.12 level-0 pixels per thumbnail pixel
         assert th.shape == (200, 200, 3) and th.dtype == np.uint8
         # from the coarsest level at least as fine as the thumbnail: level 2 (4x), shrunk 1.28x
-        expected = np.asarray(Image.fromarray(tiff_level(path, 2)).resize(
-            (200, 200), Image.Resampling.BOX))
+        expected = np.asarray(Image.fromarray(tiff_level(path, 2)).resize((200, 200), Image.Resampling.BOX))
         assert np.abs(th.astype(int) - expected).max() <= 1
         # ...which is close to the box mean of level 0 (levels are JPEG-coded separately)
-        from_level0 = np.asarray(Image.fromarray(tiff_level(path, 0)).resize(
-            (200, 200), Image.Resampling.BOX))
+        from_level0 = np.asarray(Image.fromarray(tiff_level(path, 0)).resize((200, 200), Image.Resampling.BOX))
         assert np.abs(th.astype(int) - from_level0).mean() < 3
     with Slide(svs, mpp=1.0) as s:  # single level, resampled working grid
         th = s.thumbnail(300)
@@ -200,8 +200,9 @@ def test_thumbnail_is_box_mean_of_a_level(tiny, svs):
         assert th.shape == (300, round(W * 300 / H), 3)
         ref = tifffile.imread(svs, key=0)
         fy, fx = H * s.resample[0], W * s.resample[1]
-        expected = np.asarray(Image.fromarray(ref).resize(
-            (th.shape[1], th.shape[0]), Image.Resampling.BOX, box=(0, 0, fx, fy)))
+        expected = np.asarray(
+            Image.fromarray(ref).resize((th.shape[1], th.shape[0]), Image.Resampling.BOX, box=(0, 0, fx, fy))
+        )
         assert np.abs(th.astype(int) - expected).max() <= 1
 
 
@@ -225,8 +226,7 @@ def test_missing_resolution_asks_for_mpp_level0(tmp_path):
 def test_mpp_from_tiff_resolution_tags():
     own = {"openslide.mpp-x": "0.24", "openslide.mpp-y": "0.25", "tiff.ResolutionUnit": "inch"}
     assert _mpp_from_properties(own) == (0.25, 0.24)  # OpenSlide's value wins
-    cm = {"tiff.XResolution": "40000", "tiff.YResolution": "20000",
-          "tiff.ResolutionUnit": "centimeter"}
+    cm = {"tiff.XResolution": "40000", "tiff.YResolution": "20000", "tiff.ResolutionUnit": "centimeter"}
     assert _mpp_from_properties(cm) == pytest.approx((0.5, 0.25))
     inch = {"tiff.XResolution": "101600", "tiff.ResolutionUnit": "inch"}
     assert _mpp_from_properties(inch) == pytest.approx((0.25, 0.25))
@@ -305,8 +305,7 @@ def test_region_view_matches_padded_crop(H, W, data):
     h, w = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9))
     crop = padded_slow(array, y0, x0, vh, vw)  # the view as an explicit image
     np.testing.assert_array_equal(view.read(y, x, h, w), padded_slow(crop, y, x, h, w))
-    np.testing.assert_array_equal(ArrayImage(array).read(y, x, h, w),
-                                  padded_slow(array, y, x, h, w))
+    np.testing.assert_array_equal(ArrayImage(array).read(y, x, h, w), padded_slow(array, y, x, h, w))
 
 
 def test_region_view_on_slide(tiny):
@@ -332,11 +331,13 @@ def otsu_slow(values: np.ndarray, bins: int = 256) -> float:
     centres = 0.5 * (edges[:-1] + edges[1:])
     best, best_k = np.inf, None
     for k in range(bins - 1):  # class 0 = bins 0..k
-        lo, hi = hist[: k + 1], hist[k + 1:]
+        lo, hi = hist[: k + 1], hist[k + 1 :]
         if lo.sum() == 0 or hi.sum() == 0:
             continue
-        var = sum(h.sum() * np.average((c - np.average(c, weights=h)) ** 2, weights=h)
-                  for h, c in ((lo, centres[: k + 1]), (hi, centres[k + 1:])))
+        var = sum(
+            h.sum() * np.average((c - np.average(c, weights=h)) ** 2, weights=h)
+            for h, c in ((lo, centres[: k + 1]), (hi, centres[k + 1 :]))
+        )
         if var < best - 1e-12:
             best, best_k = var, k
     return float(edges[best_k + 1])
@@ -346,8 +347,11 @@ def otsu_slow(values: np.ndarray, bins: int = 256) -> float:
 def test_otsu_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     a, b = rng.uniform(0.02, 0.3), rng.uniform(0.4, 0.9)
-    values = np.clip(np.concatenate([rng.normal(a, 0.05, rng.integers(100, 2000)),
-                                     rng.normal(b, 0.08, rng.integers(100, 2000))]), 0, 1)
+    values = np.clip(
+        np.concatenate([rng.normal(a, 0.05, rng.integers(100, 2000)), rng.normal(b, 0.08, rng.integers(100, 2000))]),
+        0,
+        1,
+    )
     t = otsu_threshold(values)
     assert t == pytest.approx(otsu_slow(values))
     assert a < t < b
@@ -370,8 +374,8 @@ def test_tissue_mask_on_synthetic_slides(tiny):
             big = np.bincount(labels.ravel()) >= 64 * 16  # 16 level-0 px per thumbnail px
             big[0] = False
             working = shrink_mask(big[labels], (512, 512))
-            assert working[y:y + h, x:x + w].sum() >= 0.99 * working.sum(), r.slide_id
-            assert working[max(y - 4, 0):y + h + 4, max(x - 4, 0):x + w + 4].sum() == working.sum()
+            assert working[y : y + h, x : x + w].sum() >= 0.99 * working.sum(), r.slide_id
+            assert working[max(y - 4, 0) : y + h + 4, max(x - 4, 0) : x + w + 4].sum() == working.sum()
 
 
 def test_tissue_mask_cleans_specks_and_holes():
@@ -423,15 +427,13 @@ def mask_at_resolution_slow(mask, out_hw, box=None):
     return out
 
 
-@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 7), st.integers(1, 7),
-       st.booleans(), st.integers(0, 2**16))
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 7), st.integers(1, 7), st.booleans(), st.integers(0, 2**16))
 def test_mask_at_resolution_matches_slow(h, w, oh, ow, with_box, seed):
     rng = np.random.default_rng(seed)
     mask = rng.random((h, w)) < 0.2
     box = None
     if with_box:  # (y, x, bh, bw) in mask pixels, partly outside the mask
-        box = (rng.uniform(-2, h), rng.uniform(-2, w), rng.uniform(0.5, h + 2),
-               rng.uniform(0.5, w + 2))
+        box = (rng.uniform(-2, h), rng.uniform(-2, w), rng.uniform(0.5, h + 2), rng.uniform(0.5, w + 2))
     got = mask_at_resolution(mask, (oh, ow), box)
     assert got.shape == (oh, ow) and got.dtype == bool
     np.testing.assert_array_equal(got, mask_at_resolution_slow(mask, (oh, ow), box))
@@ -462,33 +464,43 @@ def test_discover_generated_layout(tiny):
         assert r.path.is_file()
 
 
-def fake_layout(root: Path, csv_name: str = "testing/reference.csv", header: bool = False,
-                with_049: bool = True) -> None:
+def fake_layout(
+    root: Path, csv_name: str = "testing/reference.csv", header: bool = False, with_049: bool = True
+) -> None:
     """Empty files in the CAMELYON16 layout with mixed-case names (discover never opens them)."""
-    files = ["training/normal/normal_001.tif", "training/normal/Normal_002.TIF",
-             "training/tumor/tumor_001.tif", "training/tumor/TUMOR_002.tif",
-             "testing/images/test_001.tif", "testing/images/Test_002.TIF",
-             "training/lesion_annotations/Tumor_001.XML", "testing/lesion_annotations/test_001.xml"]
+    files = [
+        "training/normal/normal_001.tif",
+        "training/normal/Normal_002.TIF",
+        "training/tumor/tumor_001.tif",
+        "training/tumor/TUMOR_002.tif",
+        "testing/images/test_001.tif",
+        "testing/images/Test_002.TIF",
+        "training/lesion_annotations/Tumor_001.XML",
+        "testing/lesion_annotations/test_001.xml",
+    ]
     if with_049:
         files.append("testing/images/test_049.tif")
     for f in files:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).touch()
-    lines = (["image,type,metastasis"] if header else []) + \
-        ["Test_001,TUMOR,Macro,extra", "test_002,normal", "test_049,1"]
+    lines = (["image,type,metastasis"] if header else []) + [
+        "Test_001,TUMOR,Macro,extra",
+        "test_002,normal",
+        "test_049,1",
+    ]
     (root / csv_name).parent.mkdir(parents=True, exist_ok=True)
     (root / csv_name).write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("csv_name,header", [("testing/reference.csv", False),
-                                             ("testing/Reference.csv", True),
-                                             ("testing/evaluation/reference.csv", True)])
+@pytest.mark.parametrize(
+    "csv_name,header",
+    [("testing/reference.csv", False), ("testing/Reference.csv", True), ("testing/evaluation/reference.csv", True)],
+)
 def test_discover_csv_variants_and_case(tmp_path, csv_name, header, caplog):
     fake_layout(tmp_path, csv_name, header)
     with caplog.at_level(logging.INFO, logger="torch_impl.slides.camelyon"):
         records = {r.slide_id: r for r in discover(tmp_path)}
-    assert sorted(records) == ["normal_001", "normal_002", "test_001", "test_002",
-                               "tumor_001", "tumor_002"]
+    assert sorted(records) == ["normal_001", "normal_002", "test_001", "test_002", "tumor_001", "tumor_002"]
     assert records["test_001"].label == 1 and records["test_002"].label == 0
     assert records["normal_002"].path.name == "Normal_002.TIF"
     assert records["tumor_001"].annotation_path.name == "Tumor_001.XML"

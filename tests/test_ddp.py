@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from torch_impl.pipeline.checkpoint import load_checkpoint
-from torch_impl.slides import make_demo_data
 from torch_impl.pipeline.train import main_train
+from torch_impl.slides import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,16 +40,52 @@ def test_two_processes_take_the_step_of_one_process_accumulating_both_slides(tmp
     # One epoch of the whole network (no head-only phase, batch-norm affines trainable too):
     # every trunk gradient is averaged. No validation slides; a large learning rate makes the
     # step visible.
-    common = ["--data", str(data), "--epochs", "1", "--head-only-epochs", "0", "--width", "4", "--mpp", "1.0",
-              "--tile-size", "1024", "--val-fraction", "0", "--lr", "0.01", "--no-freeze-bn-affine", "--quiet"]
+    common = [
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--head-only-epochs",
+        "0",
+        "--width",
+        "4",
+        "--mpp",
+        "1.0",
+        "--tile-size",
+        "1024",
+        "--val-fraction",
+        "0",
+        "--lr",
+        "0.01",
+        "--no-freeze-bn-affine",
+        "--quiet",
+    ]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "torch_impl", "train", *common, "--out", str(tmp_path / "ddp"), "--accumulate", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "torch_impl",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "ddp"),
+            "--accumulate",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
 

@@ -65,8 +65,9 @@ params_strategy = st.builds(
     flip_v=st.booleans(),
     flip_h=st.booleans(),
     rot90_k=st.integers(0, 3),
-    hsv_shift=st.one_of(st.just((0.0, 0.0, 0.0)),
-                        st.tuples(st.floats(-0.5, 0.5), st.floats(-0.5, 0.5), st.floats(-0.5, 0.5))),
+    hsv_shift=st.one_of(
+        st.just((0.0, 0.0, 0.0)), st.tuples(st.floats(-0.5, 0.5), st.floats(-0.5, 0.5), st.floats(-0.5, 0.5))
+    ),
 )
 
 
@@ -83,8 +84,12 @@ def image_and_region(draw):
 
 
 # ----------------------------------------------------------------------------- device augmentation
-@given(data=image_and_region(), p=params_strategy, cache=st.sampled_from(["none", "device", "host"]),
-       band_rows=st.integers(1, 5))
+@given(
+    data=image_and_region(),
+    p=params_strategy,
+    cache=st.sampled_from(["none", "device", "host"]),
+    band_rows=st.integers(1, 5),
+)
 def test_device_augmentation_equals_numpy_augmentation(data, p, cache, band_rows):
     """Bit for bit on the CPU: the device view == AugmentedView.read == the NumPy transform of the
     whole image cut to the region, white outside; read through a cache or straight from the source."""
@@ -108,7 +113,9 @@ def test_every_orientation_of_a_labelled_image():
         for flip_v in (False, True):
             for flip_h in (False, True):
                 p = AugmentParams(flip_v, flip_h, k)
-                got = DeviceAugmentedView(ArrayImage(image), p).read(0, 0, *DeviceAugmentedView(ArrayImage(image), p).shape[1:])
+                got = DeviceAugmentedView(ArrayImage(image), p).read(
+                    0, 0, *DeviceAugmentedView(ArrayImage(image), p).shape[1:]
+                )
                 np.testing.assert_array_equal(got.numpy(), whole_image_augmented(image, p))
 
 
@@ -153,8 +160,9 @@ def test_cache_of_a_slide_returns_what_the_slide_decodes(tmp_path):
     try:
         with CropCache.open(source, "device", CPU, band_bytes=37 * 3 * source.shape[2]) as crop:
             assert crop.mode == "device" and crop.nbytes == np.prod(source.shape)
-            np.testing.assert_array_equal(crop.fill().read(0, 0, *source.shape[1:]).numpy(),
-                                          source.read(0, 0, *source.shape[1:]))
+            np.testing.assert_array_equal(
+                crop.fill().read(0, 0, *source.shape[1:]).numpy(), source.read(0, 0, *source.shape[1:])
+            )
             for _ in range(10):
                 h, w = (int(v) for v in rng.integers(1, 200, 2))
                 y, x = int(rng.integers(-50, source.shape[1])), int(rng.integers(-50, source.shape[2]))
@@ -201,11 +209,14 @@ def test_open_holds_the_crop_where_it_chose(mode, budget, host_budget, expected,
         assert f"slide cache {expected}" in caplog.text and crop.reason in caplog.text
 
 
-@pytest.mark.parametrize("mode, match", [
-    ("device", "mode 'device': the crop of 0.00 GiB does not fit the cpu budget of 0.00 GiB; use mode 'auto'"),
-    ("host", "mode 'host': the crop of 0.00 GiB does not fit the host budget of 0.00 GiB; use mode 'auto'"),
-    ("fast", "slide cache mode must be one of auto, device, host, none, got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "mode, match",
+    [
+        ("device", "mode 'device': the crop of 0.00 GiB does not fit the cpu budget of 0.00 GiB; use mode 'auto'"),
+        ("host", "mode 'host': the crop of 0.00 GiB does not fit the host budget of 0.00 GiB; use mode 'auto'"),
+        ("fast", "slide cache mode must be one of auto, device, host, none, got 'fast'"),
+    ],
+)
 def test_a_tier_that_cannot_be_had_is_refused(mode, match):
     with pytest.raises(ValueError, match=match):
         CropCache.open(ArrayImage(np.zeros((3, 4, 4), np.uint8)), mode, CPU, budget_bytes=10, host_budget_bytes=10)
@@ -278,8 +289,10 @@ def test_a_bad_band_is_named():
             return super().read(y, x, h, w)[:, :, :-1]
 
     expected = r"returned uint8 of shape \(3, 4, 3\), expected uint8 of shape \(3, 4, 4\)"
-    with CropCache.open(Short(np.zeros((3, 4, 4), np.uint8)), "device", CPU) as crop, \
-            pytest.raises(ValueError, match=expected):
+    with (
+        CropCache.open(Short(np.zeros((3, 4, 4), np.uint8)), "device", CPU) as crop,
+        pytest.raises(ValueError, match=expected),
+    ):
         crop.read(0, 0, 1, 1)
 
 
@@ -349,8 +362,10 @@ def test_phase_one_reads_each_pixel_once(tiny_model, pixels):
 def test_without_a_cache_nothing_larger_than_a_tile_is_read_or_held(tiny_model, pixels):
     """Mode none: the cache holds no buffer, and each source read is one tile's input region."""
     counting = CountingImage(pixels)
-    largest = max(t.shape[0] * t.shape[1] for t in [*tiny_model.trunk.plan(SIZE).tiles,
-                                                    *tiny_model.trunk.plan(SIZE, backward=True).tiles])
+    largest = max(
+        t.shape[0] * t.shape[1]
+        for t in [*tiny_model.trunk.plan(SIZE).tiles, *tiny_model.trunk.plan(SIZE, backward=True).tiles]
+    )
     with CropCache.open(counting, "none", CPU) as crop:
         assert crop.nbytes == 0
         step(tiny_model, crop)

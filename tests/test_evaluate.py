@@ -27,8 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.data_fixtures import TINY, make_tiny_camelyon
-from torch_impl.slides import discover, make_splits, read_lesions
-from torch_impl.slides.synthetic import slide_seed, synthesize_slide
+from torch_impl.models.streaming_clam import ModelConfig, build_model
 from torch_impl.pipeline.checkpoint import load_model
 from torch_impl.pipeline.evaluate import bootstrap_auc_ci, evaluate_run, main_evaluate, roc_curve
 from torch_impl.pipeline.heatmap import (
@@ -44,7 +43,8 @@ from torch_impl.pipeline.heatmap import (
 from torch_impl.pipeline.metrics import roc_auc
 from torch_impl.pipeline.predict import load_prediction, predict_file, save_prediction
 from torch_impl.pipeline.runtime import BadSlideError
-from torch_impl.models.streaming_clam import ModelConfig, build_model
+from torch_impl.slides import discover, make_splits, read_lesions
+from torch_impl.slides.synthetic import slide_seed, synthesize_slide
 
 MPP = 0.5  # working resolution of the tests: the 1024-px slides become 512 px
 CONFIG = ModelConfig(width=2, tile_size=1024, hidden_dim=8, attention_dim=4, pool="max", pool_size=2)
@@ -70,8 +70,14 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(CONFIG),
-                "train_config": {"mpp": MPP, "max_size": 4096}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_config": dataclasses.asdict(CONFIG),
+            "train_config": {"mpp": MPP, "max_size": 4096},
+        },
+        path,
+    )
     return path
 
 
@@ -87,8 +93,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------- ROC and bootstrap
-@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 6)), min_size=2, max_size=30)
-       .filter(lambda pairs: len({y for y, _ in pairs}) == 2))
+@given(
+    st.lists(st.tuples(st.integers(0, 1), st.integers(0, 6)), min_size=2, max_size=30).filter(
+        lambda pairs: len({y for y, _ in pairs}) == 2
+    )
+)
 def test_roc_curve_matches_threshold_sweep(pairs):
     labels = np.array([y for y, _ in pairs])
     scores = np.array([s for _, s in pairs], dtype=float) / 3  # few values: many ties
@@ -174,8 +183,9 @@ def test_evaluate_run_is_deterministic(run, data_root, checkpoint, tmp_path):
 def test_evaluate_val_split_from_splits_csv(data_root, checkpoint, tmp_path):
     splits = tmp_path / "splits.csv"
     make_splits(discover(data_root), splits, val_fraction=0.5, seed=0)
-    metrics = evaluate_run(checkpoint, data_root, tmp_path / "out", split="val", splits_csv=splits,
-                           device="cpu", n_bootstrap=100)
+    metrics = evaluate_run(
+        checkpoint, data_root, tmp_path / "out", split="val", splits_csv=splits, device="cpu", n_bootstrap=100
+    )
     rows = _read_csv(tmp_path / "out" / "predictions.csv")
     val = {line.split(",")[0] for line in splits.read_text().split()[1:] if line.endswith(",val")}
     assert {r["slide_id"] for r in rows} == val and len(val) == 2
@@ -193,8 +203,24 @@ def test_bad_slide_raises_or_is_skipped_cli(data_root, checkpoint, tmp_path):
         evaluate_run(checkpoint, root, tmp_path / "strict", device="cpu")
 
     out = tmp_path / "lenient"
-    assert main_evaluate(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(out),
-                          "--device", "cpu", "--skip-bad-slides", "--bootstrap", "50"]) == 0
+    assert (
+        main_evaluate(
+            [
+                "--data",
+                str(root),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--skip-bad-slides",
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     rows = _read_csv(out / "predictions.csv")
     assert [r["slide_id"] for r in rows] == ["test_001", "test_003", "test_004"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -240,8 +266,9 @@ def test_sample_attention_outside_value_and_uint8_scaling():
     u8 = attention_to_uint8(att)
     np.testing.assert_array_equal(u8, [[0, 1], [255, round(1 + 254 * 0.1 / 0.3)]])
     np.testing.assert_array_equal(attention_to_uint8(np.array([[0.0, 0.5], [0.5, 0.0]])), [[0, 255], [255, 0]])
-    got = sample_attention(u8, (10, 10, 20, 20), 10, np.array([5.0, 15.0, 25.0, 35.0]), np.array([15.0, 29.9]),
-                           outside=0)
+    got = sample_attention(
+        u8, (10, 10, 20, 20), 10, np.array([5.0, 15.0, 25.0, 35.0]), np.array([15.0, 29.9]), outside=0
+    )
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, [[0, 0], [0, 1], [255, u8[1, 1]], [0, 0]])
 
@@ -368,22 +395,45 @@ def test_write_heatmap_with_model_lesion_cells_match_ground_truth(data_root, mod
 def test_main_heatmap_cli(run, data_root, checkpoint, tmp_path):
     out, _ = run
     slide = data_root / "testing" / "images" / "test_003.tif"
-    assert main_heatmap(["--slide", str(slide), "--out", str(tmp_path),
-                         "--attention", str(out / "attention" / "test_003.npy")]) == 0
+    assert (
+        main_heatmap(
+            ["--slide", str(slide), "--out", str(tmp_path), "--attention", str(out / "attention" / "test_003.npy")]
+        )
+        == 0
+    )
     assert (tmp_path / "test_003_heatmap.png").is_file() and (tmp_path / "test_003_attention.tif").is_file()
     assert json.loads((tmp_path / "test_003_attention.geojson").read_text())["type"] == "FeatureCollection"
     # with the checkpoint: runs the model (mpp from the checkpoint), saves the attention evaluate saved
-    assert main_heatmap(["--slide", str(slide), "--out", str(tmp_path / "model"), "--checkpoint", str(checkpoint),
-                         "--device", "cpu", "--amp", "off"]) == 0
-    np.testing.assert_array_equal(np.load(tmp_path / "model" / "attention" / "test_003.npy"),
-                                  np.load(out / "attention" / "test_003.npy"))
-    with tifffile.TiffFile(tmp_path / "model" / "test_003_attention.tif") as a, \
-            tifffile.TiffFile(tmp_path / "test_003_attention.tif") as b:
+    assert (
+        main_heatmap(
+            [
+                "--slide",
+                str(slide),
+                "--out",
+                str(tmp_path / "model"),
+                "--checkpoint",
+                str(checkpoint),
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "model" / "attention" / "test_003.npy"), np.load(out / "attention" / "test_003.npy")
+    )
+    with (
+        tifffile.TiffFile(tmp_path / "model" / "test_003_attention.tif") as a,
+        tifffile.TiffFile(tmp_path / "test_003_attention.tif") as b,
+    ):
         np.testing.assert_array_equal(a.series[0].levels[0].asarray(), b.series[0].levels[0].asarray())
     with pytest.raises(SystemExit):
         main_heatmap(["--slide", str(slide), "--out", str(tmp_path)])  # neither model nor map
     with pytest.raises(ValueError, match="test_001"):  # another slide's map
         write_heatmap(load_prediction(out / "attention" / "test_001.npy"), tmp_path, slide_path=slide)
     with pytest.raises(ValueError, match="test_001"):  # the same through the command line
-        main_heatmap(["--slide", str(slide), "--out", str(tmp_path),
-                      "--attention", str(out / "attention" / "test_001.npy")])
+        main_heatmap(
+            ["--slide", str(slide), "--out", str(tmp_path), "--attention", str(out / "attention" / "test_001.npy")]
+        )

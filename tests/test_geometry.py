@@ -31,8 +31,11 @@ def torch_output_size(spec: LayerSpec, n: int) -> int:
     """Output length of a 1-D convolution as torch computes it (0 when torch refuses)."""
     try:
         y = torch.nn.functional.conv1d(
-            torch.zeros(1, 1, n), torch.zeros(1, 1, spec.kernel),
-            stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+            torch.zeros(1, 1, n),
+            torch.zeros(1, 1, spec.kernel),
+            stride=spec.stride,
+            padding=spec.padding,
+            dilation=spec.dilation,
         )
     except RuntimeError:  # padded input shorter than the window
         return 0

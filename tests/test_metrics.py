@@ -61,7 +61,9 @@ def stratified_bootstrap_by_hand(labels, scores, n_resamples, confidence, seed):
     pos, neg = scores[labels == 1], scores[labels == 0]
     pos_draws = rng.choice(pos, size=(n_resamples, pos.size))
     neg_draws = rng.choice(neg, size=(n_resamples, neg.size))
-    aucs = np.concatenate([pair_auc(p, n) for p, n in zip(np.array_split(pos_draws, 20), np.array_split(neg_draws, 20))])
+    aucs = np.concatenate(
+        [pair_auc(p, n) for p, n in zip(np.array_split(pos_draws, 20), np.array_split(neg_draws, 20))]
+    )
     tail = (1 - confidence) / 2
     return tuple(np.quantile(aucs, [tail, 1 - tail])), aucs
 
@@ -75,7 +77,9 @@ def plain_bootstrap(labels, scores, n_resamples, confidence, seed):
     for chunk in np.array_split(draws, 20):
         y, s = labels[chunk][:, :, None], scores[chunk]  # (b, n, 1), (b, n)
         pairs = (y == 1) & (y.transpose(0, 2, 1) == 0)  # (b, n, n): positive i, negative j
-        wins = (pairs & (s[:, :, None] > s[:, None, :])).sum((1, 2)) + 0.5 * (pairs & (s[:, :, None] == s[:, None, :])).sum((1, 2))
+        wins = (pairs & (s[:, :, None] > s[:, None, :])).sum((1, 2)) + 0.5 * (
+            pairs & (s[:, :, None] == s[:, None, :])
+        ).sum((1, 2))
         n_pairs = pairs.sum(axis=(1, 2))
         aucs.append(wins[n_pairs > 0] / n_pairs[n_pairs > 0])
     tail = (1 - confidence) / 2
@@ -122,8 +126,15 @@ def test_the_monte_carlo_tolerance_rejects_other_intervals():
     plain = plain_bootstrap(labels, scores, N_RESAMPLES, 0.95, seed=2)
     assert not (inside(plain[0], bands[0]) and inside(plain[1], bands[1])), (plain, bands)
     pos, neg = scores[labels == 1], scores[labels == 0]
-    bca = stats.bootstrap((pos, neg), metrics._auc_of_samples, paired=False, vectorized=True,
-                          n_resamples=N_RESAMPLES, method="BCa", rng=np.random.default_rng(2)).confidence_interval
+    bca = stats.bootstrap(
+        (pos, neg),
+        metrics._auc_of_samples,
+        paired=False,
+        vectorized=True,
+        n_resamples=N_RESAMPLES,
+        method="BCa",
+        rng=np.random.default_rng(2),
+    ).confidence_interval
     assert not (inside(bca.low, bands[0]) and inside(bca.high, bands[1])), (bca, bands)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import helpers
 from torch_impl.models.clam import CLAMSingleBranch
 from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM, build_model
-from tests import helpers
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -76,8 +76,14 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(CONFIG),
-                "train_config": {"mpp": MPP, "max_size": 4096}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_config": dataclasses.asdict(CONFIG),
+            "train_config": {"mpp": MPP, "max_size": 4096},
+        },
+        path,
+    )
     return path
 
 
@@ -145,8 +151,9 @@ def test_one_feature_grid_for_training_validation_and_evaluation(data_root, mode
             assert mask.shape == (1, *grid) and mask.dtype == torch.bool and mask.any()
             assert torch.equal(mask, slide_input.feature_mask(grid, stride))  # evaluation's old mask
             view = AugmentedView(slide_input.source)  # validation's old mask (identity view)
-            assert torch.equal(mask, view.feature_mask(slide_input, model.trunk.plan(view.shape[1:]).output_size,
-                                                       stride))
+            assert torch.equal(
+                mask, view.feature_mask(slide_input, model.trunk.plan(view.shape[1:]).output_size, stride)
+            )
         finally:
             slide_input.close()
 
@@ -188,8 +195,9 @@ def test_validate_is_the_plain_forward_pass(data_root, model):
     labels = np.array([r.label for r in records])
     assert got["val_slides"] == 4 and got["val_skipped"] == 0
     assert got["val_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
-    want_auc = np.mean([(p > q) + 0.5 * (p == q) for p, y in zip(probs, labels) if y == 1
-                        for q, z in zip(probs, labels) if z == 0])
+    want_auc = np.mean(
+        [(p > q) + 0.5 * (p == q) for p, y in zip(probs, labels) if y == 1 for q, z in zip(probs, labels) if z == 0]
+    )
     assert got["val_auc"] == pytest.approx(want_auc, abs=1e-12)
     assert got["val_accuracy"] == pytest.approx(np.mean((np.array(probs) >= 0.5) == labels), abs=1e-12)
 
@@ -216,8 +224,14 @@ def _validate_worker(rank: int, world_size: int, store: str, root: str, ckpt: st
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         net, _ = load_model(ckpt)
-        got = validate(net.eval(), _test_records(Path(root)), TrainConfig(mpp=MPP), torch.device("cpu"), None,
-                       DistInfo(rank, world_size, rank))
+        got = validate(
+            net.eval(),
+            _test_records(Path(root)),
+            TrainConfig(mpp=MPP),
+            torch.device("cpu"),
+            None,
+            DistInfo(rank, world_size, rank),
+        )
         if rank == 0:
             Path(out).write_text(json.dumps(got))
     finally:
@@ -228,8 +242,12 @@ def test_validate_two_processes_gather_the_one_process_result(data_root, checkpo
     import torch.multiprocessing as mp
 
     out = tmp_path / "gathered.json"
-    mp.spawn(_validate_worker, args=(2, str(tmp_path / "store"), str(data_root), str(checkpoint), str(out)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _validate_worker,
+        args=(2, str(tmp_path / "store"), str(data_root), str(checkpoint), str(out)),
+        nprocs=2,
+        join=True,
+    )
     from torch_impl.pipeline.checkpoint import load_model
 
     net, _ = load_model(checkpoint)
@@ -300,8 +318,15 @@ def _clipped_centres(start: float, length: float, cell: float, n: int) -> np.nda
     return start + (edges[:-1] + edges[1:]) / 2
 
 
-def _check_geojson(collection: dict, attention: np.ndarray, box, cell: int, scale: tuple[float, float],
-                   fractions=(0.10, 0.01), bounds_hw: tuple[float, float] | None = None) -> None:
+def _check_geojson(
+    collection: dict,
+    attention: np.ndarray,
+    box,
+    cell: int,
+    scale: tuple[float, float],
+    fractions=(0.10, 0.01),
+    bounds_hw: tuple[float, float] | None = None,
+) -> None:
     """Every cell centre is inside the level's polygons exactly when the cell is a top cell."""
     assert collection["type"] == "FeatureCollection"
     y0, x0, h, w = box
@@ -339,8 +364,24 @@ def _check_geojson(collection: dict, attention: np.ndarray, box, cell: int, scal
 def test_predict_cli_gives_evaluates_probabilities_and_heatmaps(data_root, checkpoint, tmp_path):
     evaluate_run(checkpoint, data_root, tmp_path / "eval", device="cpu", n_bootstrap=20)
     out = tmp_path / "predict"
-    assert cli_main(["predict", str(_images(data_root)), "--checkpoint", str(checkpoint), "--out", str(out),
-                     "--device", "cpu", "--amp", "off", "--heatmaps"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(_images(data_root)),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+                "--heatmaps",
+            ]
+        )
+        == 0
+    )
 
     lines = (out / "predictions.csv").read_text().splitlines()
     assert lines[0] == "image,probability"  # CAMELYON16 submission header
@@ -350,8 +391,9 @@ def test_predict_cli_gives_evaluates_probabilities_and_heatmaps(data_root, check
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mpp"] == MPP and summary["n_slides"] == 4 and summary["skipped"] == []
     for image in got:
-        np.testing.assert_array_equal(np.load(out / "attention" / f"{image}.npy"),
-                                      np.load(tmp_path / "eval" / "attention" / f"{image}.npy"))
+        np.testing.assert_array_equal(
+            np.load(out / "attention" / f"{image}.npy"), np.load(tmp_path / "eval" / "attention" / f"{image}.npy")
+        )
         heat = out / "heatmaps"
         assert (heat / f"{image}_heatmap.png").read_bytes()[:4] == b"\x89PNG"
         assert (heat / f"{image}_attention.tif").is_file()
@@ -359,8 +401,14 @@ def test_predict_cli_gives_evaluates_probabilities_and_heatmaps(data_root, check
         collection = json.loads((heat / f"{image}_attention.geojson").read_text())
         assert collection["features"], image  # at least the most attended cell
         # level 0 is 0.25 um/px, the working resolution 0.5: two level-0 pixels per working pixel
-        _check_geojson(collection, pred.attention, pred.box, pred.cell_size, (2.0, 2.0),
-                       bounds_hw=_slide_level0_hw(_images(data_root) / f"{image}.tif"))
+        _check_geojson(
+            collection,
+            pred.attention,
+            pred.box,
+            pred.cell_size,
+            (2.0, 2.0),
+            bounds_hw=_slide_level0_hw(_images(data_root) / f"{image}.tif"),
+        )
 
 
 def test_predict_run_list_of_files_and_bad_slides(data_root, checkpoint, tmp_path):
@@ -389,8 +437,7 @@ def attention_grids(draw):
     crop_h, crop_w = (h - 1) * cell + draw(st.integers(1, cell)), (w - 1) * cell + draw(st.integers(1, cell))
     box = (draw(st.integers(0, 500)), draw(st.integers(0, 500)), crop_h, crop_w)
     scale = (draw(st.sampled_from([0.5, 1.0, 2.0, 4.0])), draw(st.sampled_from([0.5, 1.0, 2.0, 4.0])))
-    fractions = tuple(draw(st.lists(st.sampled_from([1.0, 0.5, 0.3, 0.1, 0.01]), min_size=1, max_size=3,
-                                    unique=True)))
+    fractions = tuple(draw(st.lists(st.sampled_from([1.0, 0.5, 0.3, 0.1, 0.01]), min_size=1, max_size=3, unique=True)))
     return np.array(values).reshape(h, w), box, cell, scale, fractions
 
 
@@ -409,8 +456,16 @@ def test_region_polygons_hole_and_top_cells_rule():
     (polygon,) = region_polygons(ring)
     assert len(polygon) == 2  # exterior and one hole
     exterior, hole = polygon
-    assert {tuple(p) for p in exterior[:-1]} == {(0.0, 0.5), (0.5, 0.0), (4.5, 0.0), (5.0, 0.5), (5.0, 4.5),
-                                                   (4.5, 5.0), (0.5, 5.0), (0.0, 4.5)}  # corners cut by 1/2
+    assert {tuple(p) for p in exterior[:-1]} == {
+        (0.0, 0.5),
+        (0.5, 0.0),
+        (4.5, 0.0),
+        (5.0, 0.5),
+        (5.0, 4.5),
+        (4.5, 5.0),
+        (0.5, 5.0),
+        (0.0, 4.5),
+    }  # corners cut by 1/2
     assert {tuple(p) for p in hole[:-1]} == {(2.5, 2.0), (3.0, 2.5), (2.5, 3.0), (2.0, 2.5)}
     assert region_polygons(np.zeros((3, 3), dtype=bool)) == []
 

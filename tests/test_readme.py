@@ -110,8 +110,9 @@ def test_gpu_snippet_uses_only_names_of_the_cpu_quick_start(torch_quick_start):
     ns, _ = torch_quick_start
     code = block_with(README, "python", ".cuda()")
     tree = ast.parse(code)  # a syntax error fails here
-    assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
-                if isinstance(t, ast.Name)}
+    assigned = {
+        t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+    }
     loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     unknown = loaded - assigned - set(ns) - set(dir(builtins))
     assert not unknown, f"the GPU snippet uses names the CPU quick start does not define: {sorted(unknown)}"
@@ -171,20 +172,38 @@ def test_relative_links_point_at_files(path):
 
 #: What citing a file outside the repository looks like (built in pieces so that this file does
 #: not match itself): the design notes, a sibling folder of the checkout, absolute home paths.
-OUTSIDE = re.compile("|".join(["DESIGN" + r"\.md", r"\.\./\.\./" + "shared", "/" + "work/", "/" + "home/", "/" + "Users/"]))
+OUTSIDE = re.compile(
+    "|".join(["DESIGN" + r"\.md", r"\.\./\.\./" + "shared", "/" + "work/", "/" + "home/", "/" + "Users/"])
+)
 
 
 def test_no_file_cites_files_outside_the_repository():
-    offenders = [f"{p.relative_to(ROOT)}: {m[0]!r}" for p in repository_files({".md", ".py", ".ipynb", ".sh", ".toml", ".txt", ".cfg"})
-                 for m in [OUTSIDE.search(p.read_text(errors="replace"))] if m]
+    offenders = [
+        f"{p.relative_to(ROOT)}: {m[0]!r}"
+        for p in repository_files({".md", ".py", ".ipynb", ".sh", ".toml", ".txt", ".cfg"})
+        for m in [OUTSIDE.search(p.read_text(errors="replace"))]
+        if m
+    ]
     assert not offenders, "files that read or cite files outside the repository:\n" + "\n".join(offenders)
 
 
 # ----------------------------------------------------------------------------- docs/defaults.md
 #: Fields that are no training recipe (where data and outputs go, bookkeeping, hardware).
 NOT_RECIPE = {
-    "TrainConfig": {"data_dir", "out_dir", "model", "splits_csv", "skip_bad_slides", "max_slides_per_epoch",
-                    "seed", "calibrate_bn", "device", "checkpoint_every", "progress", "slide_cache"},
+    "TrainConfig": {
+        "data_dir",
+        "out_dir",
+        "model",
+        "splits_csv",
+        "skip_bad_slides",
+        "max_slides_per_epoch",
+        "seed",
+        "calibrate_bn",
+        "device",
+        "checkpoint_every",
+        "progress",
+        "slide_cache",
+    },
     "ModelConfig": {"channels_last"},
 }
 CLASSES = {"TrainConfig": TrainConfig, "ModelConfig": ModelConfig}
@@ -213,19 +232,22 @@ def test_defaults_table_shows_the_current_defaults():
         assert name in fields, f"docs/defaults.md names {cls}.{name}, which does not exist"
         default = getattr(CLASSES[cls](), name)
         assert type(value) is type(default) and value == default, (
-            f"docs/defaults.md says {cls}.{name} = {value!r}, the code's default is {default!r}: update the row")
+            f"docs/defaults.md says {cls}.{name} = {value!r}, the code's default is {default!r}: update the row"
+        )
 
 
 def test_defaults_table_covers_every_recipe_field():
     table = documented_defaults()
     for cls, klass in CLASSES.items():
-        missing = [f.name for f in dataclasses.fields(klass) if f.name not in NOT_RECIPE[cls] and (cls, f.name) not in table]
+        missing = [
+            f.name for f in dataclasses.fields(klass) if f.name not in NOT_RECIPE[cls] and (cls, f.name) not in table
+        ]
         assert not missing, f"docs/defaults.md has no row for {cls} field(s) {missing}"
 
 
 def test_readme_recipe_states_the_current_defaults():
     train, model = TrainConfig(), ModelConfig()
-    recipe = " ".join(README[README.index("The defaults follow the"):].split()[:200])  # the paragraph, one line
+    recipe = " ".join(README[README.index("The defaults follow the") :].split()[:200])  # the paragraph, one line
     stated = {
         "lr": float(re.search(r"Adam at ([\d.e-]+)", recipe)[1]),
         "weight_decay": float(re.search(r"weight decay ([\d.e-]+)", recipe)[1]),

@@ -51,9 +51,7 @@ def assert_close(actual: np.ndarray, desired: np.ndarray, rtol: float) -> None:
 # --------------------------------------------------------------------------- oracles
 
 
-def torch_forward(
-    layer: Layer, x: torch.Tensor, params: dict[str, torch.Tensor], prefix: str = ""
-) -> torch.Tensor:
+def torch_forward(layer: Layer, x: torch.Tensor, params: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     """The same network in torch.nn.functional; ``params`` named as in layer.parameters()."""
     p = lambda name: params.get(prefix + name)  # noqa: E731
     if isinstance(layer, Conv2d):
@@ -156,9 +154,7 @@ rngs = st.integers(0, 2**32 - 1).map(np.random.default_rng)
 @st.composite
 def image_size(draw, rows: LayerSpec, cols: LayerSpec) -> tuple[int, int]:
     """(H, W) up to MAX_PX with a non-empty output: n + 2 p >= e per axis."""
-    return tuple(
-        draw(st.integers(max(1, a.effective_kernel - 2 * a.padding), MAX_PX)) for a in (rows, cols)
-    )
+    return tuple(draw(st.integers(max(1, a.effective_kernel - 2 * a.padding), MAX_PX)) for a in (rows, cols))
 
 
 @st.composite

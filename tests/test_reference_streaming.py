@@ -60,11 +60,12 @@ def test_pixels_outside_the_cone_do_not_change_owned_outputs(case, data):
     plan = plan_for(net, x, tile)
     t = data.draw(st.sampled_from(plan.tiles), label="tile")
     (gh, gw), (H, W) = net.geometry, x.shape[-2:]
-    (r0, r1), (c0, c1) = receptive_interval(gh, t.row.out_start, t.row.out_stop), receptive_interval(
-        gw, t.col.out_start, t.col.out_stop
+    (r0, r1), (c0, c1) = (
+        receptive_interval(gh, t.row.out_start, t.row.out_stop),
+        receptive_interval(gw, t.col.out_start, t.col.out_stop),
     )
     outside = np.ones((H, W), dtype=bool)
-    outside[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)] = False
+    outside[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = False
     x2 = np.where(outside, rng.standard_normal(x.shape) * 10, x)
     owned = (..., *t.output_slices)
     np.testing.assert_array_equal(net.forward(x2)[owned], net.forward(x)[owned])

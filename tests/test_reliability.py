@@ -85,9 +85,15 @@ class World:
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
     base = TrainConfig(
-        data_dir=str(data), out_dir=str(out),
+        data_dir=str(data),
+        out_dir=str(out),
         model=ModelConfig(width=8, hidden_dim=16, attention_dim=8, pool=None, tile_size=1024),
-        mpp=1.0, val_fraction=0.34, epochs=1, head_only_epochs=1, lr=3e-3, progress=False,
+        mpp=1.0,
+        val_fraction=0.34,
+        epochs=1,
+        head_only_epochs=1,
+        lr=3e-3,
+        progress=False,
     )
     return replace(base, **changes)
 
@@ -139,19 +145,27 @@ def _config(**changes) -> Callable[[World, Path], Callable[[], object]]:
     def make(world: World, tmp: Path) -> Callable[[], object]:
         c = tiny_config(world.train_data, tmp / "run", **changes)
         return lambda: validate_config(replace(c, model=replace(c.model, **model)))
+
     return make
 
 
 def _evaluate(**kwargs) -> Callable[[World, Path], Callable[[], object]]:
-    return lambda world, tmp: lambda: evaluate_run(world.checkpoint, world.data, tmp / "eval", device="cpu",
-                                                   n_bootstrap=20, **kwargs)
+    return lambda world, tmp: (
+        lambda: evaluate_run(world.checkpoint, world.data, tmp / "eval", device="cpu", n_bootstrap=20, **kwargs)
+    )
 
 
 def _train_with_weights(kind: str) -> Callable[[World, Path], Callable[[], object]]:
     def make(world: World, tmp: Path) -> Callable[[], object]:
         weights = world.checkpoint if kind == "checkpoint" else world.text
-        return lambda: train(tiny_config(world.train_data, tmp / "run", model=replace(
-            tiny_config(world.train_data, tmp).model, weights=str(weights))))
+        return lambda: train(
+            tiny_config(
+                world.train_data,
+                tmp / "run",
+                model=replace(tiny_config(world.train_data, tmp).model, weights=str(weights)),
+            )
+        )
+
     return make
 
 
@@ -187,54 +201,94 @@ def _symlinked_splits_csv(world: World, tmp: Path) -> Callable[[], object]:
 
 
 def _heatmap(slide: str) -> Callable[[World, Path], Callable[[], object]]:
-    return lambda world, tmp: lambda: main_heatmap(
-        ["--slide", str(getattr(world, slide)), "--checkpoint", str(world.checkpoint), "--out", str(tmp / "h"),
-         "--device", "cpu", "--amp", "off"])
+    return lambda world, tmp: (
+        lambda: main_heatmap(
+            [
+                "--slide",
+                str(getattr(world, slide)),
+                "--checkpoint",
+                str(world.checkpoint),
+                "--out",
+                str(tmp / "h"),
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+            ]
+        )
+    )
 
 
 CASES: dict[str, Case] = {
     # configuration: checked at the start, each problem naming the field and its option
-    "mpp inf": Case(_config(mpp=float("inf")), ValueError, ("mpp (--mpp) must be a finite number", "inf"),
-                    ("max_size",)),
+    "mpp inf": Case(
+        _config(mpp=float("inf")), ValueError, ("mpp (--mpp) must be a finite number", "inf"), ("max_size",)
+    ),
     "mpp nan": Case(_config(mpp=float("nan")), ValueError, ("mpp (--mpp) must be a finite number",)),
     "mpp 0": Case(_config(mpp=0.0), ValueError, ("mpp must be > 0", "--mpp")),
     "lr inf": Case(_config(lr=float("inf")), ValueError, ("lr (--lr) must be a finite number",)),
-    "tile size 100": Case(_config(model={"tile_size": 100}), ValueError,
-                          ("model.tile_size (--tile-size) 100", "use 930 pixels or more")),
-    "backward tile size 500": Case(_config(model={"backward_tile_size": 500}), ValueError,
-                                   ("model.backward_tile_size (--backward-tile-size) 500", "930")),
-    "phase-2 tile size 256": Case(_config(phase2_tile_size=256), ValueError,
-                                  ("phase2_tile_size (--phase2-tile-size) 256", "930")),
+    "tile size 100": Case(
+        _config(model={"tile_size": 100}), ValueError, ("model.tile_size (--tile-size) 100", "use 930 pixels or more")
+    ),
+    "backward tile size 500": Case(
+        _config(model={"backward_tile_size": 500}),
+        ValueError,
+        ("model.backward_tile_size (--backward-tile-size) 500", "930"),
+    ),
+    "phase-2 tile size 256": Case(
+        _config(phase2_tile_size=256), ValueError, ("phase2_tile_size (--phase2-tile-size) 256", "930")
+    ),
     # evaluation: a bad --mpp is the option's fault, not the first slide's
-    "evaluate mpp 0": Case(_evaluate(mpp=0.0), ValueError, ("--mpp must be a finite number", "got 0.0"),
-                           ("test_001", "slide")),
+    "evaluate mpp 0": Case(
+        _evaluate(mpp=0.0), ValueError, ("--mpp must be a finite number", "got 0.0"), ("test_001", "slide")
+    ),
     "evaluate mpp inf": Case(_evaluate(mpp=float("inf")), ValueError, ("--mpp", "got inf"), ("max_size",)),
     "evaluate mpp -1": Case(_evaluate(mpp=-1.0), ValueError, ("--mpp", "got -1.0")),
     # weights: the path named, and what the file is
-    "weights are text": Case(lambda w, t: lambda: load_weights(resnet34(width=8), w.text), ValueError,
-                             ("{w}/notes.txt", "not a torch weight file")),
-    "weights are a training checkpoint": Case(lambda w, t: lambda: load_weights(resnet34(width=8), w.checkpoint),
-                                              ValueError, ("{w}/run/best.pt", "training checkpoint", "--resume")),
-    "train --weights training checkpoint": Case(_train_with_weights("checkpoint"), ValueError,
-                                                ("{w}/run/best.pt", "training checkpoint")),
+    "weights are text": Case(
+        lambda w, t: lambda: load_weights(resnet34(width=8), w.text),
+        ValueError,
+        ("{w}/notes.txt", "not a torch weight file"),
+    ),
+    "weights are a training checkpoint": Case(
+        lambda w, t: lambda: load_weights(resnet34(width=8), w.checkpoint),
+        ValueError,
+        ("{w}/run/best.pt", "training checkpoint", "--resume"),
+    ),
+    "train --weights training checkpoint": Case(
+        _train_with_weights("checkpoint"), ValueError, ("{w}/run/best.pt", "training checkpoint")
+    ),
     "train --weights text": Case(_train_with_weights("text"), ValueError, ("{w}/notes.txt", "not a torch weight")),
     # slides: named, and why
-    "grayscale slide": Case(lambda w, t: lambda: open_slide(w.gray, 1.0), BadSlideError,
-                            ("gray.tif", "no colour saturation", "grayscale"), ("tissue mask is empty",)),
-    "grayscale thumbnail": Case(lambda w, t: lambda: tissue_mask(np.repeat(
-        np.linspace(60, 250, 64 * 64).reshape(64, 64, 1), 3, axis=2).astype(np.uint8)),
-        NoTissueError, ("no colour saturation",)),
+    "grayscale slide": Case(
+        lambda w, t: lambda: open_slide(w.gray, 1.0),
+        BadSlideError,
+        ("gray.tif", "no colour saturation", "grayscale"),
+        ("tissue mask is empty",),
+    ),
+    "grayscale thumbnail": Case(
+        lambda w, t: (
+            lambda: tissue_mask(np.repeat(np.linspace(60, 250, 64 * 64).reshape(64, 64, 1), 3, axis=2).astype(np.uint8))
+        ),
+        NoTissueError,
+        ("no colour saturation",),
+    ),
     "heatmap of a tissue-free slide": Case(_heatmap("blank"), BadSlideError, ("blank.tif", "slide blank")),
     "heatmap of a grayscale slide": Case(_heatmap("gray"), BadSlideError, ("gray.tif", "no colour saturation")),
     # test slides listed but absent
-    "test slide listed but missing": Case(_missing_test_slide, BadSlideError,
-                                          ("test_002", "--skip-bad-slides", "1 test slide(s)")),
+    "test slide listed but missing": Case(
+        _missing_test_slide, BadSlideError, ("test_002", "--skip-bad-slides", "1 test slide(s)")
+    ),
     # paths stored in a checkpoint
-    "stored splits_csv outside the run": Case(_crafted_splits_csv, CheckpointError,
-                                              ("{tmp}/secret.txt", "outside its run folder", "--splits FILE"),
-                                              ("TOP-SECRET",)),
-    "stored splits_csv symlinked out": Case(_symlinked_splits_csv, CheckpointError,
-                                            ("outside its run folder",), ("TOP-SECRET",)),
+    "stored splits_csv outside the run": Case(
+        _crafted_splits_csv,
+        CheckpointError,
+        ("{tmp}/secret.txt", "outside its run folder", "--splits FILE"),
+        ("TOP-SECRET",),
+    ),
+    "stored splits_csv symlinked out": Case(
+        _symlinked_splits_csv, CheckpointError, ("outside its run folder",), ("TOP-SECRET",)
+    ),
 }
 
 
@@ -276,8 +330,9 @@ def test_training_needs_no_reference_csv(world):
         discover(world.train_data)  # the whole data set needs them...
     assert load_checkpoint(world.run / "last.pt")["epoch"] == 1  # ...training did not
     # nor does evaluating the run's own validation slides
-    metrics = evaluate_run(world.checkpoint, world.train_data, world.tmp / "val_eval", split="val",
-                           device="cpu", n_bootstrap=20)
+    metrics = evaluate_run(
+        world.checkpoint, world.train_data, world.tmp / "val_eval", split="val", device="cpu", n_bootstrap=20
+    )
     assert metrics["n_slides"] == 2
 
 
@@ -287,8 +342,9 @@ def test_missing_listed_test_slides_are_skipped_with_a_warning_and_counted(world
     shutil.copytree(world.data, data)
     (data / "testing" / "images" / "test_002.tif").unlink()
     caplog.set_level(logging.WARNING)
-    metrics = evaluate_run(world.checkpoint, data, tmp_path / "eval", device="cpu", skip_bad_slides=True,
-                           n_bootstrap=20)
+    metrics = evaluate_run(
+        world.checkpoint, data, tmp_path / "eval", device="cpu", skip_bad_slides=True, n_bootstrap=20
+    )
     assert metrics["n_slides"] == 3 and metrics["n_missing"] == 1 and metrics["n_skipped"] == 1
     assert [s["slide_id"] for s in metrics["skipped"]] == ["test_002"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_missing"] == 1
@@ -321,8 +377,13 @@ def test_second_run_on_a_folder_in_use_stops_and_a_killed_owner_does_not_block(w
     config = tiny_config(world.train_data, out)
     flag = tmp_path / "started"
     with open(tmp_path / "holder.log", "w") as log:
-        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, json.dumps(config.to_dict()), str(flag)],
-                                  cwd=ROOT, env=_python_env(), stdout=log, stderr=subprocess.STDOUT)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, json.dumps(config.to_dict()), str(flag)],
+            cwd=ROOT,
+            env=_python_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while not flag.exists():
@@ -348,8 +409,11 @@ def test_second_run_on_a_folder_in_use_stops_and_a_killed_owner_does_not_block(w
 
     # kill -9 left its lock file and (say) a checkpoint write half done
     assert read_owner(out)["pid"] == holder.pid
-    dead = [out / f".last.pt.{holder.pid}.0badc0de.tmp", out / f".splits.csv.{holder.pid}.tmp",
-            out / f".metrics.csv.{holder.pid}.12345678.tmp"]
+    dead = [
+        out / f".last.pt.{holder.pid}.0badc0de.tmp",
+        out / f".splits.csv.{holder.pid}.tmp",
+        out / f".metrics.csv.{holder.pid}.12345678.tmp",
+    ]
     for p in dead:
         p.touch()
     live = out / f".best.pt.{os.getpid()}.89abcdef.tmp"  # a live process's write in progress: kept
@@ -424,14 +488,22 @@ def test_lock_without_flock_detects_live_dead_and_foreign_owners(tmp_path, monke
 
 def subprocess_lock_attempt(folder: Path) -> None:
     """Try the lock from a fresh process (flock-less mode there too); re-raise its refusal here."""
-    code = ("import errno, fcntl, sys\n"
-            "def no(fd, op): raise OSError(errno.ENOLCK, 'No locks available')\n"
-            "fcntl.flock = no\n"
-            "from torch_impl.pipeline.run_lock import RunLock, RunLockedError\n"
-            "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLockedError as e:\n"
-            "    print(e); sys.exit(3)\n")
-    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=_python_env(),
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import errno, fcntl, sys\n"
+        "def no(fd, op): raise OSError(errno.ENOLCK, 'No locks available')\n"
+        "fcntl.flock = no\n"
+        "from torch_impl.pipeline.run_lock import RunLock, RunLockedError\n"
+        "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLockedError as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder)],
+        cwd=ROOT,
+        env=_python_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if done.returncode == 3:
         raise RunLockedError(done.stdout.strip())
     assert done.returncode == 0, done.stderr
@@ -453,8 +525,14 @@ def test_resume_refuses_a_new_architecture_before_writing_anything(world, tmp_pa
 
     # the command line: refused with both widths named, config.json unchanged ...
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "torch_impl", "-q", "train", "--resume", "--out", str(out),
-                               *args], cwd=ROOT, env=_python_env(), capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "torch_impl", "-q", "train", "--resume", "--out", str(out), *args],
+            cwd=ROOT,
+            env=_python_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     refused = cli("--width", "4")
     assert refused.returncode != 0
@@ -514,8 +592,9 @@ def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, mo
     fill_disk(monkeypatch, room=1000)
     with pytest.raises(DiskFullError) as info:
         save_checkpoint(path, model={"w": torch.zeros(100_000)}, model_config={}, epoch=2)
-    assert str(info.value).startswith(f"no space left on device while writing {path}; "
-                                      "the previous checkpoint is intact")
+    assert str(info.value).startswith(
+        f"no space left on device while writing {path}; the previous checkpoint is intact"
+    )
     assert "unexpected pos" in str(info.value.__cause__)  # what torch's zip writer said
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -549,8 +628,12 @@ def test_stale_temp_files_are_those_of_dead_writers(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead = [tmp_path / f".last.pt.{gone.pid}.0a1b2c3d.tmp", tmp_path / f".splits.csv.{gone.pid}.tmp"]
-    kept = [tmp_path / f".last.pt.{os.getpid()}.0a1b2c3d.tmp", tmp_path / "last.pt", tmp_path / ".last.pt.tmp",
-            tmp_path / f"notes.{gone.pid}.tmp"]
+    kept = [
+        tmp_path / f".last.pt.{os.getpid()}.0a1b2c3d.tmp",
+        tmp_path / "last.pt",
+        tmp_path / ".last.pt.tmp",
+        tmp_path / f"notes.{gone.pid}.tmp",
+    ]
     for p in dead + kept:
         p.touch()
     assert remove_stale_temp_files(tmp_path, "splits.csv") == [dead[1]]

@@ -18,11 +18,10 @@ from torch_impl.models.resnet import (
     load_weights,
     resnet18,
     resnet34,
-    resnet50,
     resnet34_trunk,
+    resnet50,
     trunk,
 )
-
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -120,7 +119,14 @@ def test_trunk_output_shape_follows_the_formula(hw):
     model = resnet34(width=width).eval()
     t = trunk(model)
     assert [n for n, _ in t.named_children()] == [
-        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
     ]
 
     def expected(n: int) -> int:

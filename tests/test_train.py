@@ -23,14 +23,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torch_impl.slides.augment import AugmentedView, AugmentParams, draw_augmentation, hsv_to_rgb, jitter_hsv, rgb_to_hsv
+from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM
 from torch_impl.pipeline.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from torch_impl.pipeline.config import TrainConfig, config_from_dict, load_config, validate_config
-from torch_impl.slides import ArrayImage, make_demo_data
-from torch_impl.slides.synthetic import write_pyramid_tiff
 from torch_impl.pipeline.distributed import shard
 from torch_impl.pipeline.metrics import accuracy, roc_auc, roc_auc_pairs
-from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM
 from torch_impl.pipeline.train import (
     BadSlideError,
     NonFiniteLossError,
@@ -39,6 +36,16 @@ from torch_impl.pipeline.train import (
     epoch_order,
     train,
 )
+from torch_impl.slides import ArrayImage, make_demo_data
+from torch_impl.slides.augment import (
+    AugmentedView,
+    AugmentParams,
+    draw_augmentation,
+    hsv_to_rgb,
+    jitter_hsv,
+    rgb_to_hsv,
+)
+from torch_impl.slides.synthetic import write_pyramid_tiff
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -211,8 +218,14 @@ def test_validate_lists_every_problem():
     with pytest.raises(ValueError) as e:
         validate_config(TrainConfig(mpp=-1, amp="fp8", accumulate=0, model=ModelConfig(tile_size=8)))
     text = str(e.value)
-    for fragment in ("data_dir is required", "out_dir is required", "mpp must be > 0", "accumulate must be >= 1",
-                     "amp must be one of", "model.tile_size (--tile-size) 8 is smaller than the smallest tile"):
+    for fragment in (
+        "data_dir is required",
+        "out_dir is required",
+        "mpp must be > 0",
+        "accumulate must be >= 1",
+        "amp must be one of",
+        "model.tile_size (--tile-size) 8 is smaller than the smallest tile",
+    ):
         assert fragment in text
 
 
@@ -249,8 +262,13 @@ def test_phases_freeze_the_trunk_and_set_the_backward_tile():
     from torch_impl.models.streaming_clam import build_model
     from torch_impl.pipeline.train import _set_phase, learning_rate_factor
 
-    config = TrainConfig(epochs=4, head_only_epochs=2, phase2_tile_size=640, lr_schedule="cosine",
-                         model=ModelConfig(width=2, tile_size=1024, backward_tile_size=800))
+    config = TrainConfig(
+        epochs=4,
+        head_only_epochs=2,
+        phase2_tile_size=640,
+        lr_schedule="cosine",
+        model=ModelConfig(width=2, tile_size=1024, backward_tile_size=800),
+    )
     model = build_model(config.model)
     assert _set_phase(model, config, 1) == 1
     assert not model.trunk_trainable and model.trunk.backward_tile_size == 800
@@ -303,8 +321,11 @@ def test_calibrate_batchnorm_standardises_every_batchnorm_input():
     x = torch.rand(2, 3, 64, 64)
     calibrate_batchnorm(body, x)
     stats = []
-    hooks = [m.register_forward_pre_hook(lambda m, i: stats.append((i[0], m)))
-             for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, i: stats.append((i[0], m)))
+        for m in body.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         body(x)
     for h in hooks:
@@ -327,9 +348,15 @@ def data_root(tmp_path_factory) -> Path:
 def tiny_config(data_root: Path, out: Path, **changes) -> TrainConfig:
     """Width-4 ResNet-34 at 1 um/px; 2 + 2 training and 1 + 1 validation slides."""
     base = TrainConfig(
-        data_dir=str(data_root), out_dir=str(out),
+        data_dir=str(data_root),
+        out_dir=str(out),
         model=ModelConfig(width=4, hidden_dim=16, attention_dim=8, pool=None, tile_size=1024),
-        mpp=1.0, val_fraction=0.34, epochs=2, head_only_epochs=1, lr=3e-3, progress=False,
+        mpp=1.0,
+        val_fraction=0.34,
+        epochs=2,
+        head_only_epochs=1,
+        lr=3e-3,
+        progress=False,
     )
     return replace(base, **changes)
 
@@ -346,8 +373,16 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 def test_two_epochs_write_the_run_folder_and_the_loss_goes_down(data_root, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
-    config = tiny_config(data_root, out, head_only_epochs=2, flip=False, rot90=False, hue_shift=0.0,
-                         saturation_scale=0.0, value_scale=0.0)
+    config = tiny_config(
+        data_root,
+        out,
+        head_only_epochs=2,
+        flip=False,
+        rot90=False,
+        hue_shift=0.0,
+        saturation_scale=0.0,
+        value_scale=0.0,
+    )
     result = train(config)
     for name in ("config.json", "splits.csv", "metrics.csv", "last.pt", "best.pt"):
         assert (out / name).is_file(), name
@@ -377,8 +412,7 @@ def test_two_epochs_write_the_run_folder_and_the_loss_goes_down(data_root, tmp_p
 def test_resume_mid_epoch_is_bitwise_identical(data_root, tmp_path):
     # augmentation on and random crops (max_size below the tissue size): every random
     # stream must be restored for the weights to agree bit for bit.
-    changes = dict(epochs=3, head_only_epochs=1, max_size=150, checkpoint_every=2, accumulate=1,
-                   lr_schedule="cosine")
+    changes = dict(epochs=3, head_only_epochs=1, max_size=150, checkpoint_every=2, accumulate=1, lr_schedule="cosine")
     reference = tiny_config(data_root, tmp_path / "reference", **changes)
     train(reference)
 
@@ -462,8 +496,17 @@ def test_bad_slide_errors_naming_the_file_or_is_skipped(data_root, tmp_path, cap
     else:
         write_pyramid_tiff(bad, np.full((512, 512, 3), 242, np.uint8), mpp=0.25)  # blank glass
     splits = tmp_path / "splits.csv"
-    _write_splits(splits, [("normal_001", 0, "train"), ("normal_002", 0, "train"), ("normal_003", 0, "val"),
-                           ("tumor_001", 1, "train"), ("tumor_002", 1, "train"), ("tumor_003", 1, "val")])
+    _write_splits(
+        splits,
+        [
+            ("normal_001", 0, "train"),
+            ("normal_002", 0, "train"),
+            ("normal_003", 0, "val"),
+            ("tumor_001", 1, "train"),
+            ("tumor_002", 1, "train"),
+            ("tumor_003", 1, "val"),
+        ],
+    )
     config = tiny_config(root, tmp_path / "strict", splits_csv=str(splits), epochs=1)
     with pytest.raises(BadSlideError, match="tumor_002.tif"):
         train(config)

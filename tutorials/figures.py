@@ -5,7 +5,7 @@ Coordinates are image pixels: x is the column, y the row, row 0 at the top (as `
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -48,13 +48,32 @@ def draw_tile_plan(
         colour = colours[(k // n_cols + 2 * (k % n_cols)) % len(colours)]
         (r0, r1), (c0, c1) = owned_pixels(tile.row, H), owned_pixels(tile.col, W)
         chosen = k in outline
-        ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, facecolor=colour, edgecolor="none",
-                               alpha=0.5 if chosen else 0.3, hatch="//" if chosen else None))
+        ax.add_patch(
+            Rectangle(
+                (c0, r0),
+                c1 - c0,
+                r1 - r0,
+                facecolor=colour,
+                edgecolor="none",
+                alpha=0.5 if chosen else 0.3,
+                hatch="//" if chosen else None,
+            )
+        )
         if numbers:
             ax.text((c0 + c1) / 2, (r0 + r1) / 2, str(k), ha="center", va="center", fontsize=9)
         if chosen:
-            ax.add_patch(Rectangle((tile.col.start, tile.row.start), tile.col.length, tile.row.length,
-                                   fill=False, edgecolor=colour, linewidth=2.5, zorder=3, clip_on=False))
+            ax.add_patch(
+                Rectangle(
+                    (tile.col.start, tile.row.start),
+                    tile.col.length,
+                    tile.row.length,
+                    fill=False,
+                    edgecolor=colour,
+                    linewidth=2.5,
+                    zorder=3,
+                    clip_on=False,
+                )
+            )
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
     ax.set_aspect("equal")

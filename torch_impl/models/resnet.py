@@ -28,7 +28,6 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -189,7 +188,7 @@ register_residual_block(
     ),
 )
 
-Block = Union[type[BasicBlock], type[Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):
@@ -375,8 +374,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ignore_fc: bool = Fa
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights file {name!r} does not fit this network (another architecture or width?): "
-                           f"{e}") from e
+        raise RuntimeError(
+            f"weights file {name!r} does not fit this network (another architecture or width?): {e}"
+        ) from e
     return model
 
 

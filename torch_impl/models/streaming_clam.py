@@ -9,15 +9,16 @@ sees the whole feature map at once, so attention is over every instance of the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..streaming import StreamingTrunk
 from .clam import CLAMHead, CLAMMultiBranch, CLAMOutput, CLAMSingleBranch
 from .resnet import resnet34_trunk
-from ..streaming import StreamingTrunk
 
 __all__ = ["ModelConfig", "StreamingCLAM", "build_model"]
 

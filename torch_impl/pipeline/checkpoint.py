@@ -37,8 +37,9 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,13 +192,15 @@ def trained_mpp(checkpoint: str | os.PathLike, mpp: float | None = None) -> floa
     config = read_train_config(checkpoint)
     stored = config.get("mpp")
     if isinstance(stored, bool) or not isinstance(stored, (int, float)) or not (math.isfinite(stored) and stored > 0):
-        raise ValueError(f"{checkpoint}: train_config has no usable 'mpp' (got {stored!r}); pass mpp (--mpp) "
-                         f"explicitly")
+        raise ValueError(
+            f"{checkpoint}: train_config has no usable 'mpp' (got {stored!r}); pass mpp (--mpp) explicitly"
+        )
     return float(stored)
 
 
-def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, default_name: str, key: str,
-             option: str) -> Path:
+def run_file(
+    checkpoint: str | os.PathLike, stored: str | os.PathLike | None, default_name: str, key: str, option: str
+) -> Path:
     """A file of a checkpoint's run, from a path the checkpoint stores: only inside its run folder.
 
     The run folder is the checkpoint's folder. ``stored`` (e.g. ``train_config["splits_csv"]``;
@@ -219,7 +222,8 @@ def run_file(checkpoint: str | os.PathLike, stored: str | os.PathLike | None, de
     if not target.is_relative_to(run):
         raise CheckpointError(
             f"{checkpoint} names {key} {os.fspath(stored)!r}, outside its run folder {run}; a path stored in a "
-            f"checkpoint is read only inside its run folder. If you trust that file, give it with {option} FILE")
+            f"checkpoint is read only inside its run folder. If you trust that file, give it with {option} FILE"
+        )
     return target
 
 

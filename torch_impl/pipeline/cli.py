@@ -63,7 +63,7 @@ EXIT_STATUS = {
     0: "done",
     1: "an unexpected error (a bug): its traceback is printed",
     2: "an expected error (bad option or value, missing or unusable file): one line names the option or "
-       "file (-v or --debug: with its traceback)",
+    "file (-v or --debug: with its traceback)",
 }
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # torch_impl/
@@ -175,15 +175,19 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = OptionParser(
         prog=prog,
         description="StreamingCLAM: exact tile-by-tile training of ResNet-34 + CLAM on whole-slide images.",
-        epilog="commands:\n" + "\n".join(f"  {name:<16}{text}" for name, (_, text) in COMMANDS.items())
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<16}{text}" for name, (_, text) in COMMANDS.items())
         + f"\n\n'{prog} COMMAND --help' describes a command's options. -q, -v and --debug mean the same "
         "before the command and among its options.\n\nexit status:\n"
         + "\n".join(f"  {code}  {text}" for code, text in sorted(EXIT_STATUS.items())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[verbosity_options()],
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback of an expected error too (-v does as well, with debug logging)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an expected error too (-v does as well, with debug logging)",
+    )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))

@@ -32,8 +32,15 @@ from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..slides.crop_cache import MODES as CACHE_MODES
 from .runtime import AMP_CHOICES, atomic_write
 
-__all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "smallest_tile_size",
-           "validate_config"]
+__all__ = [
+    "CHOICES",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "save_config",
+    "smallest_tile_size",
+    "validate_config",
+]
 
 CONFIG_FILE = "config.json"
 
@@ -229,28 +236,36 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     need(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
     need(config.accumulate >= 1, f"accumulate must be >= 1, got {config.accumulate}")
     need(config.grad_clip is None or config.grad_clip > 0, f"grad_clip must be > 0 or null, got {config.grad_clip}")
-    need(config.max_slides_per_epoch is None or config.max_slides_per_epoch >= 1,
-         f"max_slides_per_epoch must be >= 1 or null, got {config.max_slides_per_epoch}")
+    need(
+        config.max_slides_per_epoch is None or config.max_slides_per_epoch >= 1,
+        f"max_slides_per_epoch must be >= 1 or null, got {config.max_slides_per_epoch}",
+    )
     need(0.0 <= config.hue_shift <= 0.5, f"hue_shift must lie in [0, 0.5] turns, got {config.hue_shift}")
     need(0.0 <= config.saturation_scale < 1.0, f"saturation_scale must lie in [0, 1), got {config.saturation_scale}")
     need(0.0 <= config.value_scale < 1.0, f"value_scale must lie in [0, 1), got {config.value_scale}")
     need(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0 slides, got {config.checkpoint_every}")
-    need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
-         f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+    need(
+        config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
+        f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}",
+    )
     for path, choices in CHOICES.items():
         value = getattr_path(config, path)
         need(value in choices, f"{path} must be one of {list(choices)}, got {value!r}")
     m = config.model
     need(m.width >= 1, f"model.width must be >= 1, got {m.width}")
     smallest = smallest_tile_size()
-    for name, value, optional in (("model.tile_size", m.tile_size, False),
-                                  ("model.backward_tile_size", m.backward_tile_size, True),
-                                  ("phase2_tile_size", config.phase2_tile_size, True)):
+    for name, value, optional in (
+        ("model.tile_size", m.tile_size, False),
+        ("model.backward_tile_size", m.backward_tile_size, True),
+        ("phase2_tile_size", config.phase2_tile_size, True),
+    ):
         if value is None and optional:
             continue
-        need(value >= smallest,
-             f"{name} ({_option(name)}) {value} is smaller than the smallest tile the ResNet-34 trunk accepts: "
-             f"a tile must hold the network's halo; use {smallest} pixels or more")
+        need(
+            value >= smallest,
+            f"{name} ({_option(name)}) {value} is smaller than the smallest tile the ResNet-34 trunk accepts: "
+            f"a tile must hold the network's halo; use {smallest} pixels or more",
+        )
     need(m.weights is None or Path(m.weights).is_file(), f"model.weights file not found: {m.weights}")
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))

@@ -36,15 +36,23 @@ from typing import Any
 
 import torch
 
+from ..models.streaming_clam import ModelConfig
+from ..slides import discover, make_demo_data
 from .config import TrainConfig
 from .logs import QUIET, run_log, verbosity, verbosity_options
 from .options import OptionParser, option
 from .predict import ComputeOptions
-from ..slides import discover, make_demo_data
-from ..models.streaming_clam import ModelConfig
 
-__all__ = ["SUMMARY_FORMAT", "DemoOptions", "MakeDemoDataOptions", "demo_config", "format_summary", "run_demo",
-           "main_demo", "main_make_demo_data"]
+__all__ = [
+    "SUMMARY_FORMAT",
+    "DemoOptions",
+    "MakeDemoDataOptions",
+    "demo_config",
+    "format_summary",
+    "run_demo",
+    "main_demo",
+    "main_make_demo_data",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +84,12 @@ class MakeDemoDataOptions:
     seed: int = 0  # seeds every slide and the test labels
 
     def __post_init__(self) -> None:
-        counts = {"--n-normal": self.n_normal, "--n-tumor": self.n_tumor, "--n-test-normal": self.n_test_normal,
-                  "--n-test-tumor": self.n_test_tumor}
+        counts = {
+            "--n-normal": self.n_normal,
+            "--n-tumor": self.n_tumor,
+            "--n-test-normal": self.n_test_normal,
+            "--n-test-tumor": self.n_test_tumor,
+        }
         for flag, n in counts.items():
             if n < 0:
                 raise ValueError(f"{flag} must be >= 0 slides, got {n}")
@@ -87,8 +99,9 @@ class MakeDemoDataOptions:
             raise ValueError(f"--mpp must be > 0 micrometres per pixel, got {self.mpp}")
 
 
-def demo_config(data_dir: str | os.PathLike, out_dir: str | os.PathLike, device: str = "auto",
-                progress: bool = True) -> TrainConfig:
+def demo_config(
+    data_dir: str | os.PathLike, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True
+) -> TrainConfig:
     """The demo's training run: test AUC 1.0 on the synthetic data for training seeds 0-6 (measured)."""
     return TrainConfig(
         data_dir=str(data_dir),
@@ -116,8 +129,12 @@ def _has_data(root: Path) -> bool:
     return {"train", "test"} <= splits
 
 
-def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLike | None = None,
-             device: str = "auto", progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out_dir: str | os.PathLike = "demo_run",
+    data_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the demo; returns the summary that :func:`format_summary` prints.
 
     The arguments are the fields of :class:`DemoOptions` (the ``demo`` command's options):
@@ -165,8 +182,9 @@ def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLik
         for record in [r for r in discover(data) if r.split == "test"]:
             saved = out / "eval" / "attention" / f"{record.slide_id}.npy"
             if saved.is_file():  # evaluate saved every slide it did not skip: drawn without re-running the model
-                heatmaps.append(write_heatmap(load_prediction(saved), out / "heatmaps",
-                                              annotation=record.annotation_path))
+                heatmaps.append(
+                    write_heatmap(load_prediction(saved), out / "heatmaps", annotation=record.annotation_path)
+                )
         done = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
@@ -185,8 +203,12 @@ def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLik
         "heatmaps": [h["png"] for h in heatmaps],
         "attention_auc": {h["slide_id"]: h.get("attention_auc") for h in heatmaps if "attention_auc" in h},
         "seconds": round(done - start, 1),
-        "seconds_per_step": {"data": round(made - start, 1), "train": round(trained - made, 1),
-                             "evaluate": round(evaluated - trained, 1), "heatmaps": round(done - evaluated, 1)},
+        "seconds_per_step": {
+            "data": round(made - start, 1),
+            "train": round(trained - made, 1),
+            "evaluate": round(evaluated - trained, 1),
+            "heatmaps": round(done - evaluated, 1),
+        },
     }
 
 
@@ -241,7 +263,7 @@ def main_demo(argv: Sequence[str] | None = None, prog: str | None = None) -> int
         DemoOptions,
         prog=prog or "python -m torch_impl demo",
         description="Synthetic data -> StreamingCLAM training -> test evaluation -> attention heatmaps, "
-                    "in a few minutes on a CPU; prints a summary at the end.",
+        "in a few minutes on a CPU; prints a summary at the end.",
         parents=[verbosity_options()],
     )
     args = parser.parse_args(argv)
@@ -257,7 +279,7 @@ def main_make_demo_data(argv: Sequence[str] | None = None, prog: str | None = No
         MakeDemoDataOptions,
         prog=prog or "python -m torch_impl make-demo-data",
         description="Write a small synthetic CAMELYON16 (pyramidal TIFFs, ASAP XML, "
-                    "reference CSV) for demos and tests.",
+        "reference CSV) for demos and tests.",
         parents=[verbosity_options()],
     )
     opts = parser.parse(argv)

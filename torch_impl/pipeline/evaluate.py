@@ -81,7 +81,9 @@ class EvaluateOptions(BatchInferenceOptions):
     data_dir: Path = option(flag="--data", metavar="DIR")  # CAMELYON16 root (layout in torch_impl.slides.camelyon)
     split: str = option("test", choices=SPLITS)  # "test": the test slides; "val": the run's validation slides
     splits_csv: Path | None = option(
-        None, flag="--splits", metavar="CSV",
+        None,
+        flag="--splits",
+        metavar="CSV",
     )  # split val: the run's splits CSV; none = the checkpoint's train_config splits_csv, else splits.csv beside it
     n_bootstrap: int = option(2000, flag="--bootstrap")  # resamples of the AUC's stratified bootstrap 95% interval
     seed: int = 0  # the bootstrap's seed
@@ -150,8 +152,7 @@ def classification_metrics(
         "n_normal": n_neg,
         "auc": None,
         "auc_ci95": None,
-        "bootstrap": {"method": "stratified percentile", "n_resamples": n_bootstrap,
-                      "seed": seed, "confidence": 0.95},
+        "bootstrap": {"method": "stratified percentile", "n_resamples": n_bootstrap, "seed": seed, "confidence": 0.95},
         "threshold": threshold,
         "accuracy": float((pred == y).mean()) if y.size else None,
         "sensitivity": float(pred[y == 1].mean()) if n_pos else None,
@@ -162,8 +163,9 @@ def classification_metrics(
         if min(n_pos, n_neg) >= 2:
             out["auc_ci95"] = list(bootstrap_auc_ci(y, s, n_bootstrap, 0.95, seed))
         else:  # one slide of a class cannot be resampled into any variability
-            logger.warning("fewer than two slides of a class (%d tumour, %d normal): no bootstrap interval",
-                           n_pos, n_neg)
+            logger.warning(
+                "fewer than two slides of a class (%d tumour, %d normal): no bootstrap interval", n_pos, n_neg
+            )
     else:
         logger.warning("only one class among the %d slides: AUC and ROC are undefined", y.size)
     return out
@@ -171,7 +173,9 @@ def classification_metrics(
 
 # ---------------------------------------------------------------------- the run
 def select_records(
-    data_dir: str | os.PathLike, split: str = "test", splits_csv: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    splits_csv: str | os.PathLike | None = None,
     skip_bad_slides: bool = False,
 ) -> list[SlideRecord]:
     """The slides of ``split`` under a CAMELYON16 root, in ``discover``'s order.
@@ -192,10 +196,14 @@ def select_records(
             raise BadSlideError(
                 f"{len(missing)} test slide(s) listed in the reference CSV are not under "
                 f"{Path(data_dir) / 'testing' / 'images'}: {', '.join(missing)}; restore them, or pass "
-                f"skip_bad_slides=True (--skip-bad-slides) to evaluate without them")
+                f"skip_bad_slides=True (--skip-bad-slides) to evaluate without them"
+            )
         for slide_id in missing:
-            logger.warning("skipping %s: listed in the reference CSV but not under %s", slide_id,
-                           Path(data_dir) / "testing" / "images")
+            logger.warning(
+                "skipping %s: listed in the reference CSV but not under %s",
+                slide_id,
+                Path(data_dir) / "testing" / "images",
+            )
         chosen = [r for r in records if r.split == "test"]
     else:
         if splits_csv is None or not Path(splits_csv).is_file():
@@ -207,12 +215,12 @@ def select_records(
         val_ids = [s for s, (_, sp) in splits.items() if sp == "val"]
         missing = [s for s in val_ids if s not in by_id]
         if missing:
-            raise FileNotFoundError(f"{splits_csv} lists {len(missing)} val slide(s) not found under "
-                                    f"{data_dir} (e.g. {missing[:3]})")
+            raise FileNotFoundError(
+                f"{splits_csv} lists {len(missing)} val slide(s) not found under {data_dir} (e.g. {missing[:3]})"
+            )
         for s in val_ids:
             if splits[s][0] != by_id[s].label:
-                raise ValueError(f"{splits_csv}: {s} has label {splits[s][0]}, the data set says "
-                                 f"{by_id[s].label}")
+                raise ValueError(f"{splits_csv}: {s} has label {splits[s][0]}, the data set says {by_id[s].label}")
         chosen = [dataclasses.replace(r, split="val") for r in records if r.slide_id in set(val_ids)]
     if not chosen:
         raise FileNotFoundError(f"no {split} slides under {data_dir}")
@@ -266,8 +274,9 @@ def evaluate_run(
     dev = resolve_device(device)
     amp_dtype = autocast_dtype(amp, dev)
     if split == "val" and splits_csv is None:
-        splits_csv = run_file(checkpoint, read_train_config(checkpoint).get("splits_csv"), "splits.csv",
-                              "splits_csv", "--splits")
+        splits_csv = run_file(
+            checkpoint, read_train_config(checkpoint).get("splits_csv"), "splits.csv", "splits_csv", "--splits"
+        )
     records = select_records(data_dir, split, splits_csv, skip_bad_slides)
     missing = missing_test_slides(data_dir) if split == "test" else []
     labels_by_id = {r.slide_id: r.label for r in records}
@@ -275,16 +284,30 @@ def evaluate_run(
     model, _ = load_model(checkpoint, device=dev)
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("evaluating %s on %d %s slides at %g um/px on %s%s", checkpoint, len(records), split,
-                mpp, dev, " (bf16 autocast)" if amp_dtype is not None else "")
+    logger.info(
+        "evaluating %s on %d %s slides at %g um/px on %s%s",
+        checkpoint,
+        len(records),
+        split,
+        mpp,
+        dev,
+        " (bf16 autocast)" if amp_dtype is not None else "",
+    )
 
     def save(pred: SlidePrediction) -> None:
         save_prediction(pred, out_dir / "attention", label=labels_by_id[pred.slide_id])
 
-    predictions, skipped = predict_slides(model, [(r.slide_id, r.path) for r in records], mpp, dev, amp,
-                                          skip_bad_slides, on_prediction=save)
-    skipped = [{"slide_id": s, "path": str(Path(data_dir) / "testing" / "images"),
-                "error": "listed in the reference CSV but no slide file"} for s in missing] + skipped
+    predictions, skipped = predict_slides(
+        model, [(r.slide_id, r.path) for r in records], mpp, dev, amp, skip_bad_slides, on_prediction=save
+    )
+    skipped = [
+        {
+            "slide_id": s,
+            "path": str(Path(data_dir) / "testing" / "images"),
+            "error": "listed in the reference CSV but no slide file",
+        }
+        for s in missing
+    ] + skipped
     if not predictions:
         raise BadSlideError(f"no slide of {len(records)} could be evaluated (all skipped)")
     rows = [(p.slide_id, labels_by_id[p.slide_id], p.prob_tumor) for p in predictions]
@@ -293,8 +316,14 @@ def evaluate_run(
     labels = np.array([r[1] for r in rows], dtype=np.int64)
     scores = np.array([r[2] for r in rows], dtype=np.float64)
     metrics = classification_metrics(labels, scores, THRESHOLD, n_bootstrap, seed)
-    metrics.update(split=split, mpp=mpp, checkpoint=str(checkpoint), skipped=skipped, n_skipped=len(skipped),
-                   n_missing=len(missing))
+    metrics.update(
+        split=split,
+        mpp=mpp,
+        checkpoint=str(checkpoint),
+        skipped=skipped,
+        n_skipped=len(skipped),
+        n_missing=len(missing),
+    )
     if metrics["auc"] is not None:
         fpr, tpr, _ = roc_curve(labels, scores)
         ci = tuple(metrics["auc_ci95"]) if metrics["auc_ci95"] is not None else None
@@ -305,9 +334,17 @@ def evaluate_run(
     auc = "undefined" if metrics["auc"] is None else f"{metrics['auc']:.4f}"
     if metrics["auc_ci95"] is not None:
         auc += f" (95% CI {metrics['auc_ci95'][0]:.4f}-{metrics['auc_ci95'][1]:.4f})"
-    logger.info("%s: AUC %s, accuracy %.4f at %.2f, %d slides (%d tumour), %d skipped; wrote %s",
-                split, auc, metrics["accuracy"], THRESHOLD, metrics["n_slides"], metrics["n_tumor"],
-                len(skipped), out_dir)
+    logger.info(
+        "%s: AUC %s, accuracy %.4f at %.2f, %d slides (%d tumour), %d skipped; wrote %s",
+        split,
+        auc,
+        metrics["accuracy"],
+        THRESHOLD,
+        metrics["n_slides"],
+        metrics["n_tumor"],
+        len(skipped),
+        out_dir,
+    )
     return metrics
 
 
@@ -321,8 +358,8 @@ def main_evaluate(argv: Sequence[str] | None = None, prog: str | None = None) ->
         EvaluateOptions,
         prog=prog or "python -m torch_impl evaluate",
         description="Deterministic whole-slide evaluation of a StreamingCLAM checkpoint: "
-                    "predictions.csv, metrics.json (AUC, 95% bootstrap CI, accuracy), roc.png "
-                    "and attention maps.",
+        "predictions.csv, metrics.json (AUC, 95% bootstrap CI, accuracy), roc.png "
+        "and attention maps.",
         parents=[verbosity_options()],
     )
     evaluate_run(**dataclasses.asdict(parser.parse(argv)))

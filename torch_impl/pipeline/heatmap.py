@@ -132,8 +132,9 @@ class HeatmapOptions(InferenceOptions):
         if self.thumbnail_size < 1:
             raise ValueError(f"--thumbnail-size must be >= 1 pixel, got {self.thumbnail_size}")
         if self.tiff_downsample is not None and self.tiff_downsample < 1:
-            raise ValueError(f"--tiff-downsample must be >= 1 (working pixels per TIFF pixel), "
-                             f"got {self.tiff_downsample}")
+            raise ValueError(
+                f"--tiff-downsample must be >= 1 (working pixels per TIFF pixel), got {self.tiff_downsample}"
+            )
 
 
 # ---------------------------------------------------------------------- cells and pixels
@@ -187,7 +188,10 @@ def sample_attention(
 
 
 def attention_on_image(
-    attention: np.ndarray, box: Sequence[int], cell_size: float, out_hw: tuple[int, int],
+    attention: np.ndarray,
+    box: Sequence[int],
+    cell_size: float,
+    out_hw: tuple[int, int],
     scale: tuple[float, float],
 ) -> np.ndarray:
     """(h_t, w_t) float64 attention on an image whose pixel covers (sy, sx) working pixels.
@@ -218,12 +222,15 @@ def attention_to_uint8(attention: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- lesions
-def _to_grid(polygons: Sequence[np.ndarray], level0_to_working: tuple[float, float],
-             origin: tuple[float, float], pixel: float) -> list[np.ndarray]:
+def _to_grid(
+    polygons: Sequence[np.ndarray], level0_to_working: tuple[float, float], origin: tuple[float, float], pixel: float
+) -> list[np.ndarray]:
     """Level-0 (x, y) polygons -> (x, y) in a grid of `pixel` working px starting at `origin` (y, x)."""
     fy, fx = level0_to_working
-    return [np.column_stack([(p[:, 0] * fx - origin[1]) / pixel, (p[:, 1] * fy - origin[0]) / pixel])
-            for p in (np.asarray(q, dtype=np.float64).reshape(-1, 2) for q in polygons)]
+    return [
+        np.column_stack([(p[:, 0] * fx - origin[1]) / pixel, (p[:, 1] * fy - origin[0]) / pixel])
+        for p in (np.asarray(q, dtype=np.float64).reshape(-1, 2) for q in polygons)
+    ]
 
 
 def lesion_fraction(
@@ -251,8 +258,12 @@ def lesion_fraction(
     pixel = cell_size / k  # working px per sub-pixel
     y0, x0, h, w = box
     origin = (float(y0), float(x0))
-    raster = rasterize_polygons(_to_grid(lesions, level0_to_working, origin, pixel), (gh * k, gw * k),
-                                1.0, holes=_to_grid(holes, level0_to_working, origin, pixel))
+    raster = rasterize_polygons(
+        _to_grid(lesions, level0_to_working, origin, pixel),
+        (gh * k, gw * k),
+        1.0,
+        holes=_to_grid(holes, level0_to_working, origin, pixel),
+    )
     inside_y = (np.arange(gh * k) + 0.5) * pixel < h  # (gh k,) sub-pixel centre inside the crop
     inside_x = (np.arange(gw * k) + 0.5) * pixel < w
     inside = inside_y[:, None] & inside_x[None, :]  # (gh k, gw k)
@@ -331,9 +342,15 @@ def write_attention_tiff(
                 xs = (np.arange(c, c + TIFF_TILE) + 0.5) * d
                 yield sample_attention(values, box, cell_size, ys, xs, outside=0).astype(np.uint8)
 
-    meta = {"mpp": mpp * f, "working_mpp": mpp, "downsample": f, "slide_hw": [H, W],
-            "box": [int(v) for v in box], "cell_size": cell_size,
-            "values": "0 = no tissue/outside crop; 1..255 = min..max attention"}
+    meta = {
+        "mpp": mpp * f,
+        "working_mpp": mpp,
+        "downsample": f,
+        "slide_hw": [H, W],
+        "box": [int(v) for v in box],
+        "cell_size": cell_size,
+        "values": "0 = no tissue/outside crop; 1..255 = min..max attention",
+    }
     meta.update(description or {})
     shapes = [(math.ceil(H / d), math.ceil(W / d)) for d in factors]
     with atomic_write(path, "wb") as fh, tifffile.TiffWriter(fh, bigtiff=H * W // (f * f) > 2**31) as tif:
@@ -465,19 +482,25 @@ def attention_geojson(
         name = f"attention top {100 * q:g}%"
         for rings in region_polygons(cells):
             coordinates = [
-                np.column_stack([_cells_to_working(r[:, 0], x0, w, c, att.shape[1]) * fx,
-                                 _cells_to_working(r[:, 1], y0, h, c, att.shape[0]) * fy]).tolist()
+                np.column_stack(
+                    [
+                        _cells_to_working(r[:, 0], x0, w, c, att.shape[1]) * fx,
+                        _cells_to_working(r[:, 1], y0, h, c, att.shape[0]) * fy,
+                    ]
+                ).tolist()
                 for r in rings
             ]
-            features.append({
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": coordinates},
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{name} (attention >= {threshold:.4g})",
-                    "classification": {"name": name, "color": list(colors[q])},
-                },
-            })
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": coordinates},
+                    "properties": {
+                        "objectType": "annotation",
+                        "name": f"{name} (attention >= {threshold:.4g})",
+                        "classification": {"name": name, "color": list(colors[q])},
+                    },
+                }
+            )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -499,8 +522,10 @@ def _check_grid(attention: np.ndarray, box: Sequence[int], cell_size: float) -> 
     """The grid must cover the crop exactly: (n - 1) c < crop side <= n c on both axes."""
     for n, side, name in zip(attention.shape, box[2:], ("rows", "columns")):
         if not (n - 1) * cell_size < side <= n * cell_size:
-            raise ValueError(f"an attention grid of {attention.shape} cells of {cell_size} px does not "
-                             f"cover a crop of {box[2]}x{box[3]} px ({name}); wrong mpp or attention file?")
+            raise ValueError(
+                f"an attention grid of {attention.shape} cells of {cell_size} px does not "
+                f"cover a crop of {box[2]}x{box[3]} px ({name}); wrong mpp or attention file?"
+            )
 
 
 def write_heatmap(
@@ -552,43 +577,79 @@ def write_heatmap(
         on_thumb = attention_on_image(att, box, cell_size, thumb.shape[:2], scale)
         level0_to_working = (slide.mpp_level0[0] / slide.mpp, slide.mpp_level0[1] / slide.mpp)
 
-        result: dict[str, Any] = {"slide_id": slide_id, "prob_tumor": prob, "box": list(box),
-                                  "cell_size": cell_size, "mpp": float(slide.mpp)}
+        result: dict[str, Any] = {
+            "slide_id": slide_id,
+            "prob_tumor": prob,
+            "box": list(box),
+            "cell_size": cell_size,
+            "mpp": float(slide.mpp),
+        }
         title = f"{slide_id}   P(tumour) = {prob:.3f}"
         outlines: list[np.ndarray] = []
         if annotation is not None:
             lesions, holes = read_lesions(annotation)
-            result.update(attention_auc(att, lesion_fraction(lesions, holes, att.shape, box, cell_size,
-                                                             level0_to_working)))
+            result.update(
+                attention_auc(att, lesion_fraction(lesions, holes, att.shape, box, cell_size, level0_to_working))
+            )
             auc = result["attention_auc"]
-            title += (f"\nattention AUC, lesion vs other tissue cells: "
-                      f"{'undefined' if auc is None else f'{auc:.3f}'} "
-                      f"({result['n_lesion_cells']} of {result['n_tissue_cells']} cells lesion)")
+            title += (
+                f"\nattention AUC, lesion vs other tissue cells: "
+                f"{'undefined' if auc is None else f'{auc:.3f}'} "
+                f"({result['n_lesion_cells']} of {result['n_tissue_cells']} cells lesion)"
+            )
             outlines = _to_grid(lesions, level0_to_working, (0.0, 0.0), 1.0)
             outlines = [p / np.array([scale[1], scale[0]]) for p in outlines]  # (x, y) thumbnail px
 
         y0, x0, h, w = box
         margin = 0.05 * max(h / scale[0], w / scale[1])
-        view = (round(y0 / scale[0] - margin), round(x0 / scale[1] - margin),
-                round(h / scale[0] + 2 * margin), round(w / scale[1] + 2 * margin))
+        view = (
+            round(y0 / scale[0] - margin),
+            round(x0 / scale[1] - margin),
+            round(h / scale[0] + 2 * margin),
+            round(w / scale[1] + 2 * margin),
+        )
         png = out_dir / f"{slide_id}_heatmap.png"
         overlay_attention(thumb, on_thumb, png, title, outlines=outlines, view=view)
 
         tiff = out_dir / f"{slide_id}_attention.tif"
         f = auto_tiff_downsample((H, W)) if tiff_downsample is None else int(tiff_downsample)
-        levels = write_attention_tiff(tiff, att, box, cell_size, (H, W), float(slide.mpp), f,
-                                      description={"slide": str(slide_path), "slide_id": slide_id})
+        levels = write_attention_tiff(
+            tiff,
+            att,
+            box,
+            cell_size,
+            (H, W),
+            float(slide.mpp),
+            f,
+            description={"slide": str(slide_path), "slide_id": slide_id},
+        )
 
         geojson = out_dir / f"{slide_id}_attention.geojson"
-        n_features = write_attention_geojson(geojson, prediction, (1 / level0_to_working[0], 1 / level0_to_working[1]),
-                                             top_fractions)
+        n_features = write_attention_geojson(
+            geojson, prediction, (1 / level0_to_working[0], 1 / level0_to_working[1]), top_fractions
+        )
     finally:
         slide.close()
-    result.update(png=str(png), tiff=str(tiff), geojson=str(geojson), geojson_features=n_features,
-                  tiff_levels=[list(s) for s in levels], tiff_mpp=float(slide.mpp) * f, tiff_downsample=f)
-    logger.info("%s: wrote %s, %s (%d levels, base %g um/px) and %s (%d regions)%s", slide_id, png, tiff,
-                len(levels), result["tiff_mpp"], geojson, n_features, "" if annotation is None else
-                f"; attention AUC {result['attention_auc']}")
+    result.update(
+        png=str(png),
+        tiff=str(tiff),
+        geojson=str(geojson),
+        geojson_features=n_features,
+        tiff_levels=[list(s) for s in levels],
+        tiff_mpp=float(slide.mpp) * f,
+        tiff_downsample=f,
+    )
+    logger.info(
+        "%s: wrote %s, %s (%d levels, base %g um/px) and %s (%d regions)%s",
+        slide_id,
+        png,
+        tiff,
+        len(levels),
+        result["tiff_mpp"],
+        geojson,
+        n_features,
+        "" if annotation is None else f"; attention AUC {result['attention_auc']}",
+    )
     return result
 
 
@@ -602,22 +663,27 @@ def main_heatmap(argv: Sequence[str] | None = None, prog: str | None = None) -> 
         HeatmapOptions,
         prog=prog or "python -m torch_impl heatmap",
         description="Attention heatmap of one slide: <id>_heatmap.png (thumbnail overlay), "
-                    "<id>_attention.tif (pyramidal TIFF at slide scale) and <id>_attention.geojson "
-                    "(contours of the most attended cells, QuPath annotations); with --annotation, "
-                    "the attention's AUC separating lesion from other tissue.",
+        "<id>_attention.tif (pyramidal TIFF at slide scale) and <id>_attention.geojson "
+        "(contours of the most attended cells, QuPath annotations); with --annotation, "
+        "the attention's AUC separating lesion from other tissue.",
         parents=[verbosity_options()],
     )
     opts = parser.parse(argv)
     if opts.attention is not None:
         prediction = load_prediction(opts.attention)
         if opts.mpp is not None and not math.isclose(opts.mpp, prediction.mpp, rel_tol=0.1):
-            raise ValueError(f"--mpp {opts.mpp} differs from the {prediction.mpp} um/px the attention was "
-                             f"computed at")
+            raise ValueError(f"--mpp {opts.mpp} differs from the {prediction.mpp} um/px the attention was computed at")
     else:
         device = resolve_device(opts.device)
         model, _ = load_model(opts.checkpoint, device=device)
         prediction = predict_file(model, opts.slide, trained_mpp(opts.checkpoint, opts.mpp), device, opts.amp)
         save_prediction(prediction, opts.out_dir / "attention")  # to redraw without the model
-    write_heatmap(prediction, opts.out_dir, annotation=opts.annotation, slide_path=opts.slide,
-                  thumbnail_size=opts.thumbnail_size, tiff_downsample=opts.tiff_downsample)
+    write_heatmap(
+        prediction,
+        opts.out_dir,
+        annotation=opts.annotation,
+        slide_path=opts.slide,
+        thumbnail_size=opts.thumbnail_size,
+        tiff_downsample=opts.tiff_downsample,
+    )
     return 0

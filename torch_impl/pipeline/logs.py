@@ -23,8 +23,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["QUIET", "NORMAL", "VERBOSE", "FORMAT", "setup_logging", "verbosity", "run_log",
-           "verbosity_options", "split_verbosity"]
+__all__ = [
+    "QUIET",
+    "NORMAL",
+    "VERBOSE",
+    "FORMAT",
+    "setup_logging",
+    "verbosity",
+    "run_log",
+    "verbosity_options",
+    "split_verbosity",
+]
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -92,10 +101,15 @@ def verbosity_options() -> argparse.ArgumentParser:
     """An argparse parent with the mutually exclusive ``-v/--verbose`` and ``-q/--quiet``."""
     parent = argparse.ArgumentParser(add_help=False)
     exclusive = parent.add_mutually_exclusive_group()
-    exclusive.add_argument("-v", "--verbose", action="store_true",
-                           help="debug logging too (e.g. one line per training slide)")
-    exclusive.add_argument("-q", "--quiet", action="store_true",
-                           help="warnings and errors only, no progress bars (results on stdout still print)")
+    exclusive.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging too (e.g. one line per training slide)"
+    )
+    exclusive.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="warnings and errors only, no progress bars (results on stdout still print)",
+    )
     return parent
 
 

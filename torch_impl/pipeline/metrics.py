@@ -21,7 +21,9 @@ from scipy.stats import bootstrap, mannwhitneyu, rankdata
 __all__ = ["roc_auc", "roc_auc_pairs", "accuracy", "binary_labels_and_scores", "bootstrap_auc_ci"]
 
 
-def binary_labels_and_scores(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def binary_labels_and_scores(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(n,) int labels in {0, 1} and (n,) float64 finite scores, checked."""
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
@@ -113,8 +115,14 @@ def bootstrap_auc_ci(
             f"and {neg.size} negative"
         )
     result = bootstrap(
-        (pos, neg), _auc_of_samples, paired=False, vectorized=True, n_resamples=n_resamples,
-        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+        (pos, neg),
+        _auc_of_samples,
+        paired=False,
+        vectorized=True,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
     low, high = result.confidence_interval
     return float(low), float(high)

@@ -44,13 +44,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-__all__ = ["OptionParser", "add_dataclass_options", "apply_options", "build_options", "field_docs",
-           "field_paths", "given_options", "option"]
+__all__ = [
+    "OptionParser",
+    "add_dataclass_options",
+    "apply_options",
+    "build_options",
+    "field_docs",
+    "field_paths",
+    "given_options",
+    "option",
+]
 
 _SECTION = re.compile(r"^#\s*-{2,}\s*(.*?)\s*-{2,}\s*$")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, tuple[str | None, str]]:
     """{field name: (section title or None, trailing comment)} read from the class's source.
 
@@ -94,9 +102,15 @@ def _inherited_docs(cls: type) -> dict[str, tuple[str | None, str]]:
     return docs
 
 
-def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-           flag: str | None = None, metavar: str | None = None, choices: Sequence[Any] | None = None,
-           positional: bool = False) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: Sequence[Any] | None = None,
+    positional: bool = False,
+) -> Any:
     """A dataclass field that also says how its option looks (a ``dataclasses.field``).
 
     Args:
@@ -106,8 +120,12 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
         choices: the allowed values.
         positional: a positional argument instead of an option (``SLIDE...`` for a list field).
     """
-    metadata = {"flag": flag, "metavar": metavar, "choices": tuple(choices) if choices is not None else None,
-                "positional": positional}
+    metadata = {
+        "flag": flag,
+        "metavar": metavar,
+        "choices": tuple(choices) if choices is not None else None,
+        "positional": positional,
+    }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -134,6 +152,7 @@ def _shown(value: Any, flag: str, is_bool: bool) -> str | None:
 
 def _converter(kind: type, nullable: bool):
     """Text -> ``kind`` (the word "none" -> None when ``nullable``); named for argparse's errors."""
+
     def convert(text: str) -> Any:
         if nullable and text.lower() == "none":
             return None
@@ -184,8 +203,9 @@ def _argument(path: str, annotation: Any, choices: Sequence[Any] | None, require
         choices = choices or args
         kind = type(args[0])
     if kind not in (int, float, str, Path):
-        raise TypeError(f"{path}: no option type for {annotation} (int, float, str, Path, bool, X | None, "
-                        f"list, tuple or Literal)")
+        raise TypeError(
+            f"{path}: no option type for {annotation} (int, float, str, Path, bool, X | None, list, tuple or Literal)"
+        )
     keywords["type"] = _converter(kind, nullable)
     if choices:
         keywords["choices"] = tuple(choices)
@@ -193,9 +213,16 @@ def _argument(path: str, annotation: Any, choices: Sequence[Any] | None, require
     return keywords
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, title: str | None,
-                          renames: Mapping[str, str] | None = None, metavars: Mapping[str, str] | None = None,
-                          choices: Mapping[str, Sequence[Any]] | None = None, prefix: str = "") -> list[str]:
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    title: str | None,
+    renames: Mapping[str, str] | None = None,
+    metavars: Mapping[str, str] | None = None,
+    choices: Mapping[str, Sequence[Any]] | None = None,
+    prefix: str = "",
+) -> list[str]:
     """Add an option for every field of the dataclass ``cls`` (recursing into dataclass fields).
 
     Args:
@@ -240,8 +267,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, title: 
         keywords = _argument(path, annotation, choices.get(path, meta.get("choices")), required)
         is_bool = keywords.get("action") is argparse.BooleanOptionalAction
         if not is_bool:
-            keywords["metavar"] = keywords.get("metavar") or metavars.get(path) or meta.get("metavar") \
-                or _METAVARS[keywords["type"].kind]
+            keywords["metavar"] = (
+                keywords.get("metavar") or metavars.get(path) or meta.get("metavar") or _METAVARS[keywords["type"].kind]
+            )
         if meta.get("positional"):
             if is_bool or not required:
                 raise TypeError(f"{path}: a positional argument is a required field (no default), not a bool")
@@ -251,13 +279,21 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, title: 
             names, keywords["dest"], keywords["required"] = [flag], path, required
             shown = _shown(default, flag, is_bool)
             suffix = " (required)" if required else f" (default: {shown})" if shown is not None else ""
-        groups[group_title].add_argument(*names, default=argparse.SUPPRESS, help=(text + suffix).replace("%", "%%"),
-                                         **keywords)
+        groups[group_title].add_argument(
+            *names, default=argparse.SUPPRESS, help=(text + suffix).replace("%", "%%"), **keywords
+        )
         paths.append(path)
     for f, inner in nested:
         text = docs.get(f.name, (None, ""))[1]
-        paths += add_dataclass_options(parser, inner, title=f"{f.name}: {text}" if text else f.name, renames=renames,
-                                       metavars=metavars, choices=choices, prefix=prefix + f.name + ".")
+        paths += add_dataclass_options(
+            parser,
+            inner,
+            title=f"{f.name}: {text}" if text else f.name,
+            renames=renames,
+            metavars=metavars,
+            choices=choices,
+            prefix=prefix + f.name + ".",
+        )
     return paths
 
 
@@ -310,8 +346,10 @@ def build_options(cls: type, given: Mapping[str, Any]) -> Any:
     (nested dicts build nested dataclasses). Raises what ``cls(...)`` raises, e.g. TypeError
     when a required field is missing, or the ValueError of a check in its ``__post_init__``."""
     hints = typing.get_type_hints(cls)
-    values = {name: build_options(hints[name], value) if isinstance(value, dict) else _value(hints[name], value)
-              for name, value in given.items()}
+    values = {
+        name: build_options(hints[name], value) if isinstance(value, dict) else _value(hints[name], value)
+        for name, value in given.items()
+    }
     return cls(**values)
 
 

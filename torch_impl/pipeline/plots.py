@@ -57,9 +57,14 @@ def plot_roc(
     # is a diagonal step, and the area under the segments is then the AUC (ties count 1/2).
     ax.plot(fpr, tpr, lw=2, color="C0", label=label)
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.5", label="chance")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="false positive rate (1 - specificity)",
-           ylabel="true positive rate (sensitivity)", title=title)
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        title=title,
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     _save(fig, path, dpi)
@@ -97,8 +102,7 @@ def overlay_attention(
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3:
         raise ValueError(f"thumbnail must be (h, w, 3) RGB, got shape {thumbnail.shape}")
     if att.shape != thumbnail.shape[:2]:
-        raise ValueError(f"attention_on_thumb must be {thumbnail.shape[:2]} like the thumbnail, "
-                         f"got {att.shape}")
+        raise ValueError(f"attention_on_thumb must be {thumbnail.shape[:2]} like the thumbnail, got {att.shape}")
     shown = np.ma.masked_where(~(att > 0), att)  # NaN compares False: masked too
     if shown.count():
         shown = shown / shown.max()

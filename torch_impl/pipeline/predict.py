@@ -209,8 +209,10 @@ def attention_cell_size(model: StreamingCLAM) -> int:
     """Working pixels per attention cell side: trunk stride S, times the head's pool size."""
     rows, cols = model.trunk.geometry
     if rows.stride != cols.stride:
-        raise ValueError(f"the trunk's row and column strides differ ({rows.stride} vs "
-                         f"{cols.stride}); square attention cells are assumed")
+        raise ValueError(
+            f"the trunk's row and column strides differ ({rows.stride} vs "
+            f"{cols.stride}); square attention cells are assumed"
+        )
     pool = model.head.pool_size if model.head.pool is not None else 1
     return int(rows.stride) * int(pool)
 
@@ -371,8 +373,16 @@ def predict_slides(
         predictions.append(pred)
         if on_prediction is not None:
             on_prediction(pred)
-        logger.info("[%d/%d] %s: P(tumour) = %.4f, crop %dx%d px, %.1f s", k, len(slides), slide_id,
-                    pred.prob_tumor, pred.box[2], pred.box[3], time.perf_counter() - start)
+        logger.info(
+            "[%d/%d] %s: P(tumour) = %.4f, crop %dx%d px, %.1f s",
+            k,
+            len(slides),
+            slide_id,
+            pred.prob_tumor,
+            pred.box[2],
+            pred.box[3],
+            time.perf_counter() - start,
+        )
     return predictions, skipped
 
 
@@ -408,13 +418,16 @@ def load_prediction(path: str | os.PathLike) -> SlidePrediction:
     npy, meta_path = path.with_suffix(".npy"), path.with_suffix(".json")
     for p in (npy, meta_path):
         if not p.is_file():
-            raise FileNotFoundError(f"saved prediction incomplete: {p} not found (save_prediction writes "
-                                    f"<id>.npy and <id>.json side by side)")
+            raise FileNotFoundError(
+                f"saved prediction incomplete: {p} not found (save_prediction writes "
+                f"<id>.npy and <id>.json side by side)"
+            )
     meta = json.loads(meta_path.read_text())
     missing = [k for k in _SAVED_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"{meta_path} lacks {missing} (written by an older version?); run evaluate or "
-                         f"predict again to save it anew")
+        raise ValueError(
+            f"{meta_path} lacks {missing} (written by an older version?); run evaluate or predict again to save it anew"
+        )
     attention = np.load(npy)
     if attention.ndim != 2:
         raise ValueError(f"{npy}: the attention must be a 2-D cell grid, got shape {attention.shape}")
@@ -443,8 +456,11 @@ def find_slides(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += sorted(f for f in p.iterdir()
-                            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SLIDE_EXTENSIONS)
+            found += sorted(
+                f
+                for f in p.iterdir()
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SLIDE_EXTENSIONS
+            )
         elif p.is_file():
             found.append(p)
         else:
@@ -512,22 +528,31 @@ def predict_run(
         if heatmaps:
             drawn.append(write_heatmap(pred, out / "heatmaps"))
 
-    predictions, skipped = predict_slides(model, [(p.stem, p) for p in paths], mpp, dev, amp, skip_bad_slides,
-                                          on_prediction=finish)
+    predictions, skipped = predict_slides(
+        model, [(p.stem, p) for p in paths], mpp, dev, amp, skip_bad_slides, on_prediction=finish
+    )
     if not predictions:
         raise BadSlideError(f"no slide of {len(paths)} could be read (all skipped)")
     csv_path = write_submission(out / "predictions.csv", predictions)
     summary: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "mpp": mpp, "n_slides": len(predictions),
+        "checkpoint": str(checkpoint),
+        "mpp": mpp,
+        "n_slides": len(predictions),
         "predictions": {p.slide_id: p.prob_tumor for p in predictions},
-        "skipped": skipped, "csv": str(csv_path),
+        "skipped": skipped,
+        "csv": str(csv_path),
     }
     if heatmaps:
         summary["heatmaps"] = drawn
     with atomic_write(out / "summary.json") as f:
         f.write(json.dumps(summary, indent=2, default=str))
-    logger.info("wrote %s (%d slides, %d skipped)%s", csv_path, len(predictions), len(skipped),
-                f" and heatmaps in {out / 'heatmaps'}" if heatmaps else "")
+    logger.info(
+        "wrote %s (%d slides, %d skipped)%s",
+        csv_path,
+        len(predictions),
+        len(skipped),
+        f" and heatmaps in {out / 'heatmaps'}" if heatmaps else "",
+    )
     return summary
 
 
@@ -541,9 +566,9 @@ def main_predict(argv: Sequence[str] | None = None, prog: str | None = None) -> 
         PredictOptions,
         prog=prog or "python -m torch_impl predict",
         description="Run a StreamingCLAM checkpoint on slides without labels: predictions.csv in the "
-                    "CAMELYON16 submission format (image,probability), the attention maps, and with "
-                    "--heatmaps a PNG overlay, a pyramidal TIFF and a QuPath GeoJSON per slide. A folder "
-                    f"gives its files named *{' *'.join(SLIDE_EXTENSIONS)}.",
+        "CAMELYON16 submission format (image,probability), the attention maps, and with "
+        "--heatmaps a PNG overlay, a pyramidal TIFF and a QuPath GeoJSON per slide. A folder "
+        f"gives its files named *{' *'.join(SLIDE_EXTENSIONS)}.",
         parents=[verbosity_options()],
     )
     predict_run(**dataclasses.asdict(parser.parse(argv)))

@@ -124,8 +124,9 @@ class RunLock:
             except OSError as e:
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
-                logger.warning("%s: this file system has no flock (%s); using an exclusive lock file instead",
-                               self.folder, e)
+                logger.warning(
+                    "%s: this file system has no flock (%s); using an exclusive lock file instead", self.folder, e
+                )
                 self._take_without_flock()
             self._count = 1
             _held[key] = self
@@ -152,8 +153,9 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.release()
 
     # ------------------------------------------------------------------ flock
@@ -180,8 +182,11 @@ class RunLock:
                 continue
             previous = _parse_owner(_read_fd(fd))
             if previous is not None and not self._is_me(previous):
-                logger.warning("%s: taking over the lock of a run that ended without releasing it (%s; killed?)",
-                               self.folder, _describe(previous))
+                logger.warning(
+                    "%s: taking over the lock of a run that ended without releasing it (%s; killed?)",
+                    self.folder,
+                    _describe(previous),
+                )
             self._fd = fd
             self._write_owner(fd)
             return
@@ -196,8 +201,11 @@ class RunLock:
                 owner = read_owner(self.folder)
                 if owner is None or not self._stale(owner):
                     raise RunLockedError(self._busy_message(owner, flock=False)) from None
-                logger.warning("%s: removing the stale lock of a run that is gone (%s: no such process on this "
-                               "host)", self.folder, _describe(owner))
+                logger.warning(
+                    "%s: removing the stale lock of a run that is gone (%s: no such process on this host)",
+                    self.folder,
+                    _describe(owner),
+                )
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 continue
@@ -217,8 +225,10 @@ class RunLock:
         return owner.get("host") == socket.gethostname() and not pid_alive(int(owner["pid"]))
 
     def _busy_message(self, owner: dict[str, Any] | None, flock: bool = True) -> str:
-        text = (f"{self.folder} is in use by another run: {_describe(owner)} (lock file {self.path}). "
-                f"Wait for it to finish or stop it, or choose another --out")
+        text = (
+            f"{self.folder} is in use by another run: {_describe(owner)} (lock file {self.path}). "
+            f"Wait for it to finish or stop it, or choose another --out"
+        )
         if not flock and owner is not None and owner.get("host") != socket.gethostname():
             text += f"; if that run is gone, delete {self.path}"
         return text

@@ -116,8 +116,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type != "cuda" and device.type not in _warned_bf16_on:
         _warned_bf16_on.add(device.type)
-        logger.warning("amp 'bf16' on %s: bfloat16 autocast runs there, but is usually slower than float32 "
-                       "without bf16 hardware; 'auto' uses it on CUDA only", device.type)
+        logger.warning(
+            "amp 'bf16' on %s: bfloat16 autocast runs there, but is usually slower than float32 "
+            "without bf16 hardware; 'auto' uses it on CUDA only",
+            device.type,
+        )
     return torch.bfloat16
 
 
@@ -184,8 +187,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, what: str = "file"
             os.unlink(tmp)
         if isinstance(e, Exception) and _disk_full(e):
             kept = f"the previous {what} is intact" if path.exists() else f"no {what} was written"
-            raise DiskFullError(f"no space left on device while writing {path}; {kept}. Free space on that "
-                                f"disk (or write elsewhere) and run again") from e
+            raise DiskFullError(
+                f"no space left on device while writing {path}; {kept}. Free space on that "
+                f"disk (or write elsewhere) and run again"
+            ) from e
         raise
     _fsync_dir(path.parent)
 
@@ -235,8 +240,12 @@ def remove_stale_temp_files(folder: str | os.PathLike, name: str | None = None) 
                 entry.unlink()
                 removed.append(entry)
     if removed:
-        logger.info("removed %d temporary file(s) left by killed writers in %s: %s", len(removed), folder,
-                    ", ".join(p.name for p in removed))
+        logger.info(
+            "removed %d temporary file(s) left by killed writers in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 

@@ -52,12 +52,15 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..models.streaming_clam import StreamingCLAM, build_model
+from ..slides import SlideError, SlideRecord, discover, make_splits
 from ..slides.augment import AugmentedView, draw_augmentation
 from ..slides.crop_cache import CropCache
 from ..slides.device_view import DeviceAugmentedView
+from ..slides.inputs import SlideInput
+from ..streaming import to_model_input
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
 from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, save_config, validate_config
-from ..slides import SlideError, SlideRecord, discover, make_splits
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -68,12 +71,9 @@ from .distributed import (
     reduce_gradients,
     shard,
 )
-from ..slides.inputs import SlideInput
 from .logs import QUIET, run_log, verbosity, verbosity_options
 from .metrics import accuracy, roc_auc
-from ..models.streaming_clam import StreamingCLAM, build_model
 from .options import OptionParser, add_dataclass_options, apply_options, field_paths, given_options
-from ..streaming import to_model_input
 from .predict import feature_mask, open_slide, predict_slides
 from .run_lock import RunLock, RunLockedError
 from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype, remove_stale_temp_files
@@ -94,11 +94,31 @@ logger = logging.getLogger(__name__)
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.csv"
 #: metrics.csv: one row per epoch; lr is the head's; seconds = training time (without validation).
-METRIC_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_slides", "skipped", "val_loss", "val_auc",
-                  "val_accuracy", "val_slides", "seconds")
+METRIC_COLUMNS = (
+    "epoch",
+    "phase",
+    "lr",
+    "train_loss",
+    "train_slides",
+    "skipped",
+    "val_loss",
+    "val_auc",
+    "val_accuracy",
+    "val_slides",
+    "seconds",
+)
 
 #: Settings that may change on --resume without breaking the exact continuation.
-_RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_bad_slides", "out_dir", "data_dir", "slide_cache"}
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "device",
+    "progress",
+    "checkpoint_every",
+    "skip_bad_slides",
+    "out_dir",
+    "data_dir",
+    "slide_cache",
+}
 
 #: ModelConfig fields that --resume refuses to change: they change the network's parameters
 #: (their names or shapes: width, head, n_classes, hidden_dim, attention_dim, instance_loss,
@@ -107,8 +127,17 @@ _RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_
 #: else. Every other change (lr, epochs, tile sizes, k_sample, bag_weight, ...) only
 #: changes how the run goes on: accepted, with a warning that it is no longer an exact
 #: continuation.
-ARCHITECTURE_FIELDS = ("width", "head", "n_classes", "hidden_dim", "attention_dim", "instance_loss", "pool",
-                       "pool_size", "dropout")
+ARCHITECTURE_FIELDS = (
+    "width",
+    "head",
+    "n_classes",
+    "hidden_dim",
+    "attention_dim",
+    "instance_loss",
+    "pool",
+    "pool_size",
+    "dropout",
+)
 
 # Streams of the per-run seed sequence: np.random.default_rng([seed, stream, ...]).
 _ORDER_STREAM, _SLIDE_STREAM = 1, 2
@@ -144,8 +173,9 @@ class RunState:
 
 
 # ----------------------------------------------------------------------------- orders
-def epoch_order(records: Sequence[SlideRecord], epoch: int, seed: int, sampler: str = "balanced",
-                max_slides: int | None = None) -> list[SlideRecord]:
+def epoch_order(
+    records: Sequence[SlideRecord], epoch: int, seed: int, sampler: str = "balanced", max_slides: int | None = None
+) -> list[SlideRecord]:
     """The epoch's slide order, a pure function of (records, epoch, seed).
 
     ``"shuffle"``: a permutation of the records. ``"balanced"``: every class is drawn as often
@@ -205,29 +235,40 @@ def _feature_mask(model: StreamingCLAM, view: AugmentedView, slide: SlideInput, 
     return mask
 
 
-def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record: SlideRecord, config: TrainConfig,
-                 rng: np.random.Generator, device: torch.device, amp_dtype: torch.dtype | None,
-                 where: str) -> float:
+def _train_slide(
+    model: StreamingCLAM,
+    params: list[torch.nn.Parameter],
+    record: SlideRecord,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    where: str,
+) -> float:
     """Forward and streamed backward of one slide; adds its gradients to ``.grad``; returns the loss.
 
     Nothing is added unless the whole slide succeeded (see the module docstring).
     """
     slide = _open(record, config, rng)
     try:
-        aug = draw_augmentation(rng, config.flip, config.rot90, config.hue_shift, config.saturation_scale,
-                                config.value_scale)
+        aug = draw_augmentation(
+            rng, config.flip, config.rot90, config.hue_shift, config.saturation_scale, config.value_scale
+        )
         view = AugmentedView(slide.source, aug)  # its geometry places the tissue mask; it reads no pixels
         mask = _feature_mask(model, view, slide, record).to(device)
         label = torch.tensor([record.label], device=device)
         torch_seed = int(rng.integers(2**62))
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
+        devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         try:
             # the crop is decoded once for the forward and the backward pass (config.slide_cache);
             # flips, quarter turns and the colour jitter run on each tile on the device, equal
             # to the NumPy `view` bit for bit on the CPU (tests/test_device_view.py)
-            with CropCache.open(slide.source, config.slide_cache, device) as crop, \
-                    torch.random.fork_rng(devices=devices):
+            with (
+                CropCache.open(slide.source, config.slide_cache, device) as crop,
+                torch.random.fork_rng(devices=devices),
+            ):
                 torch.manual_seed(torch_seed)
                 with _autocast(device, amp_dtype):
                     output = model(DeviceAugmentedView(crop, aug, device), mask, label)
@@ -235,7 +276,8 @@ def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record:
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"non-finite training loss ({loss.item()}) on slide {record.slide_id} ({record.path}) "
-                        f"{where}; stopping without saving, the last checkpoint is intact")
+                        f"{where}; stopping without saving, the last checkpoint is intact"
+                    )
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # the backward reads the cache too
         except (SlideError, OSError) as e:
             raise BadSlideError(f"slide {record.slide_id} ({record.path}): reading failed during training: {e}") from e
@@ -245,7 +287,8 @@ def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record:
     if bad:
         raise NonFiniteLossError(
             f"non-finite gradient ({len(bad)} parameter tensors) from slide {record.slide_id} ({record.path}) "
-            f"{where}; stopping without saving, the last checkpoint is intact")
+            f"{where}; stopping without saving, the last checkpoint is intact"
+        )
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             if g is not None:
@@ -255,8 +298,13 @@ def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record:
     return float(loss.detach())
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], group: torch.Tensor,
-                    info: DistInfo, grad_clip: float | None) -> torch.Tensor:
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    group: torch.Tensor,
+    info: DistInfo,
+    grad_clip: float | None,
+) -> torch.Tensor:
     """Average the accumulated gradients over slides and processes, step, zero them.
 
     ``group`` = (slides, loss sum, skipped) of this process since the last step, float64;
@@ -311,8 +359,14 @@ def calibrate_batchnorm(module: torch.nn.Module, batch: torch.Tensor) -> int:
     return len(norms)
 
 
-def calibration_batch(model: StreamingCLAM, records: Sequence[SlideRecord], config: TrainConfig,
-                      device: torch.device, n_slides: int = 8, size: int = 256) -> torch.Tensor:
+def calibration_batch(
+    model: StreamingCLAM,
+    records: Sequence[SlideRecord],
+    config: TrainConfig,
+    device: torch.device,
+    n_slides: int = 8,
+    size: int = 256,
+) -> torch.Tensor:
     """(N, 3, size, size) network input: the central ``size`` x ``size`` crop of the tissue of
     up to ``n_slides`` training slides (alternating classes, sorted ids), normalised like tiles."""
     by_label: dict[int, list[SlideRecord]] = {}
@@ -340,8 +394,15 @@ def calibration_batch(model: StreamingCLAM, records: Sequence[SlideRecord], conf
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(model: StreamingCLAM, records: Sequence[SlideRecord], config: TrainConfig, device: torch.device,
-             amp_dtype: torch.dtype | None, info: DistInfo | None = None, progress: bool = False) -> dict[str, Any]:
+def validate(
+    model: StreamingCLAM,
+    records: Sequence[SlideRecord],
+    config: TrainConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    info: DistInfo | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Loss (bag cross-entropy), AUC and accuracy on whole slides (no crop, no augmentation).
 
     Each slide goes through :func:`torch_impl.pipeline.predict.predict_slides`, the inference
@@ -357,8 +418,14 @@ def validate(model: StreamingCLAM, records: Sequence[SlideRecord], config: Train
     local = list(records)[info.rank :: info.world_size]
     labels_by_id = {r.slide_id: r.label for r in local}
     predictions, skipped_slides = predict_slides(
-        model, [(r.slide_id, r.path) for r in local], config.mpp, device, "off" if amp_dtype is None else "bf16",
-        config.skip_bad_slides, progress=progress)
+        model,
+        [(r.slide_id, r.path) for r in local],
+        config.mpp,
+        device,
+        "off" if amp_dtype is None else "bf16",
+        config.skip_bad_slides,
+        progress=progress,
+    )
     rows: list[tuple[str, int, float, float]] = []
     for pred in predictions:
         label = labels_by_id[pred.slide_id]
@@ -391,7 +458,7 @@ def _is_better(auc: float, loss: float, state: RunState) -> bool:
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-def _checkpoint(path: Path, run: "_Run", config: TrainConfig) -> None:
+def _checkpoint(path: Path, run: _Run, config: TrainConfig) -> None:
     save_checkpoint(
         path,
         model=run.model.state_dict(),
@@ -463,8 +530,11 @@ def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str
 
 def _architecture_changes(stored_model: dict[str, Any], model: dict[str, Any]) -> list[str]:
     """The :data:`ARCHITECTURE_FIELDS` that differ: "model.NAME (--option) old -> new"."""
-    return [f"model.{name} (--{name.replace('_', '-')}) {stored_model.get(name)!r} -> {model.get(name)!r}"
-            for name in ARCHITECTURE_FIELDS if stored_model.get(name) != model.get(name)]
+    return [
+        f"model.{name} (--{name.replace('_', '-')}) {stored_model.get(name)!r} -> {model.get(name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if stored_model.get(name) != model.get(name)
+    ]
 
 
 def _check_resume(ckpt: dict[str, Any], config: TrainConfig, last_path: Path) -> None:
@@ -478,11 +548,13 @@ def _check_resume(ckpt: dict[str, Any], config: TrainConfig, last_path: Path) ->
         raise TrainingError(
             f"--resume cannot change how the network is built: the weights in {last_path} are of the run's "
             f"network. Refused: {'; '.join(refused)}. Resume without these options (the run's config.json keeps "
-            f"its settings), or start a new run with another --out. Nothing was written")
+            f"its settings), or start a new run with another --out. Nothing was written"
+        )
     changes = _config_changes(ckpt.get("train_config", {}), config.to_dict())
     if changes:
-        logger.warning("resuming %s with changed settings (no longer an exact continuation): %s",
-                       last_path, "; ".join(changes))
+        logger.warning(
+            "resuming %s with changed settings (no longer an exact continuation): %s", last_path, "; ".join(changes)
+        )
 
 
 def _keep_previous_config(out: Path, config: TrainConfig) -> Path | None:
@@ -633,24 +705,33 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainingError(f"{last_path} does not fit the configured network ({e}); resume with the run's "
-                                f"own settings (its config.json). Nothing was written") from e
+            raise TrainingError(
+                f"{last_path} does not fit the configured network ({e}); resume with the run's "
+                f"own settings (its config.json). Nothing was written"
+            ) from e
         fields = {f.name for f in dataclasses.fields(RunState)}
         state = RunState(**{k: v for k, v in ckpt.items() if k in fields})
         if state.slide_index and ckpt.get("world_size", 1) != info.world_size:
             raise TrainingError(
                 f"{last_path} stopped mid-epoch with {ckpt.get('world_size')} processes; resume it with the same "
-                f"number (now {info.world_size}), or from an epoch boundary")
+                f"number (now {info.world_size}), or from an epoch boundary"
+            )
         missing = [s for s in state.order if s not in by_id]
         if missing:
             raise TrainingError(
-                f"{last_path}: slides of the interrupted epoch are no training slides now: {missing[:5]}")
+                f"{last_path}: slides of the interrupted epoch are no training slides now: {missing[:5]}"
+            )
         set_rng_state(ckpt["rng"])
         if state.epoch >= config.epochs:
             logger.info("%s: all %d epochs are done already", last_path, config.epochs)
         else:
-            logger.info("resuming %s: %d epochs done, %d slides into epoch %d", last_path, state.epoch,
-                        state.slide_index, state.epoch + 1)
+            logger.info(
+                "resuming %s: %d epochs done, %d slides into epoch %d",
+                last_path,
+                state.epoch,
+                state.slide_index,
+                state.epoch + 1,
+            )
     elif config.calibrate_bn and config.model.weights is None:
         n = calibrate_batchnorm(model.trunk.module, calibration_batch(model, train_records, config, device))
         logger.info("random trunk: set the statistics of %d frozen batch norms from training crops", n)
@@ -661,10 +742,17 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
     broadcast_parameters(model, info)
 
     amp_dtype = _amp_dtype(config, device)
-    logger.info("training on %d slides, validating on %d, %d epoch(s) (%d head only) at %g um/px on %s%s%s",
-                len(train_records), len(val_records), config.epochs, config.head_only_epochs, config.mpp, device,
-                " with bf16 autocast" if amp_dtype is not None else "",
-                f", {info.world_size} processes" if info.enabled else "")
+    logger.info(
+        "training on %d slides, validating on %d, %d epoch(s) (%d head only) at %g um/px on %s%s%s",
+        len(train_records),
+        len(val_records),
+        config.epochs,
+        config.head_only_epochs,
+        config.mpp,
+        device,
+        " with bf16 autocast" if amp_dtype is not None else "",
+        f", {info.world_size} processes" if info.enabled else "",
+    )
     progress = config.progress and info.is_main and sys.stderr.isatty()
     return _Run(config, info, device, model, optimizer, state, by_id, val_records, amp_dtype, progress, lock)
 
@@ -678,24 +766,34 @@ def _train_epoch(run: _Run, epoch: int, phase: int, on_slide: Callable[[dict[str
     config, info, state, model = run.config, run.info, run.state, run.model
     params = [p for p in model.parameters() if p.requires_grad]
     if state.slide_index == 0:
-        state.order = [r.slide_id for r in epoch_order(
-            list(run.train_by_id.values()), epoch, config.seed, config.sampler, config.max_slides_per_epoch)]
+        state.order = [
+            r.slide_id
+            for r in epoch_order(
+                list(run.train_by_id.values()), epoch, config.seed, config.sampler, config.max_slides_per_epoch
+            )
+        ]
     positions = shard(list(enumerate(state.order)), info.rank, info.world_size)  # [(position, slide id)]
     start_local = state.slide_index // info.world_size
     started = time.perf_counter() - state.seconds
     last_saved = state.slide_index
     group = torch.zeros(3, dtype=torch.float64, device=run.device)  # this process: slides, loss sum, skipped
     model.train()
-    bar = tqdm(total=len(positions), initial=start_local, desc=f"epoch {epoch + 1} (phase {phase})",
-               leave=False, disable=not run.progress)
+    bar = tqdm(
+        total=len(positions),
+        initial=start_local,
+        desc=f"epoch {epoch + 1} (phase {phase})",
+        leave=False,
+        disable=not run.progress,
+    )
     for i in range(start_local, len(positions)):
         position, slide_id = positions[i]
         record = run.train_by_id[slide_id]
         where = f"(epoch {epoch + 1}, position {position})"
         t0 = time.perf_counter()
         try:
-            loss = _train_slide(model, params, record, config, slide_rng(config.seed, epoch, position), run.device,
-                                run.amp_dtype, where)
+            loss = _train_slide(
+                model, params, record, config, slide_rng(config.seed, epoch, position), run.device, run.amp_dtype, where
+            )
             group += torch.tensor([1.0, loss, 0.0], dtype=torch.float64, device=run.device)
             logger.debug("%s %s: loss %.4f, %.2f s", record.slide_id, where, loss, time.perf_counter() - t0)
         except BadSlideError as e:
@@ -738,9 +836,14 @@ def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _Tens
         val = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan, "val_slides": 0, "val_skipped": 0}
         improved = True
     row = {
-        "epoch": epoch + 1, "phase": phase, "lr": config.lr * factor,
-        "train_loss": state.loss_sum / state.slides, "train_slides": state.slides, "skipped": state.skipped,
-        **val, "seconds": round(state.seconds, 3),
+        "epoch": epoch + 1,
+        "phase": phase,
+        "lr": config.lr * factor,
+        "train_loss": state.loss_sum / state.slides,
+        "train_slides": state.slides,
+        "skipped": state.skipped,
+        **val,
+        "seconds": round(state.seconds, 3),
     }
     state.history.append(row)
     if improved:
@@ -757,13 +860,25 @@ def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _Tens
         board.log(row)
     logger.info(
         "epoch %d/%d (phase %d): train loss %.4f on %d slides%s; val loss %.4f, AUC %.4f, accuracy %.4f on %d "
-        "slides; %.0f s%s", epoch + 1, config.epochs, phase, row["train_loss"], row["train_slides"],
-        f" ({row['skipped']} skipped)" if row["skipped"] else "", row["val_loss"], row["val_auc"],
-        row["val_accuracy"], row["val_slides"], row["seconds"], "; new best" if improved else "")
+        "slides; %.0f s%s",
+        epoch + 1,
+        config.epochs,
+        phase,
+        row["train_loss"],
+        row["train_slides"],
+        f" ({row['skipped']} skipped)" if row["skipped"] else "",
+        row["val_loss"],
+        row["val_auc"],
+        row["val_accuracy"],
+        row["val_slides"],
+        row["seconds"],
+        "; new best" if improved else "",
+    )
 
 
-def train(config: TrainConfig, resume: bool = False, *,
-          on_slide: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train(
+    config: TrainConfig, resume: bool = False, *, on_slide: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Train (or with ``resume`` continue) a run; returns the final metrics.
 
     Args:
@@ -801,8 +916,13 @@ def train(config: TrainConfig, resume: bool = False, *,
         raise
     try:
         with logging_redirect_tqdm() if run.progress else nullcontext():
-            for epoch in tqdm(range(state.epoch, config.epochs), desc="epochs", initial=state.epoch,
-                              total=config.epochs, disable=not run.progress):
+            for epoch in tqdm(
+                range(state.epoch, config.epochs),
+                desc="epochs",
+                initial=state.epoch,
+                total=config.epochs,
+                disable=not run.progress,
+            ):
                 phase = _set_phase(run.model, config, epoch)
                 factor = learning_rate_factor(config, epoch)
                 for group in run.optimizer.param_groups:  # from the config, also after a resume
@@ -834,8 +954,14 @@ def train(config: TrainConfig, resume: bool = False, *,
 # ----------------------------------------------------------------------------- CLI
 #: Options named unlike their fields (the names the README and earlier versions use).
 _RENAMES = {"data_dir": "--data", "out_dir": "--out"}
-_METAVARS = {"data_dir": "DIR", "out_dir": "RUN", "splits_csv": "CSV", "exclude": "SLIDE", "device": "DEV",
-             "model.weights": "FILE"}
+_METAVARS = {
+    "data_dir": "DIR",
+    "out_dir": "RUN",
+    "splits_csv": "CSV",
+    "exclude": "SLIDE",
+    "device": "DEV",
+    "model.weights": "FILE",
+}
 
 
 def _parser(prog: str = "python -m torch_impl train") -> argparse.ArgumentParser:
@@ -844,15 +970,22 @@ def _parser(prog: str = "python -m torch_impl train") -> argparse.ArgumentParser
     p = OptionParser(
         prog=prog,
         description="Train StreamingCLAM (ResNet-34 + CLAM, streamed) on a CAMELYON16-style data set. "
-                    "Settings: the defaults shown < --config FILE (or the run's config.json with --resume) "
-                    "< the options given. Several GPUs: torchrun --nproc_per_node N -m torch_impl train ...",
+        "Settings: the defaults shown < --config FILE (or the run's config.json with --resume) "
+        "< the options given. Several GPUs: torchrun --nproc_per_node N -m torch_impl train ...",
         parents=[verbosity_options()],
     )
-    p.add_argument("--config", type=Path, metavar="FILE",
-                   help='JSON file of TrainConfig fields, model settings under "model" (default: none)')
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out exactly where its last.pt left off, with the settings "
-                        "of its config.json (default: a new run)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help='JSON file of TrainConfig fields, model settings under "model" (default: none)',
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out exactly where its last.pt left off, with the settings "
+        "of its config.json (default: a new run)",
+    )
     add_dataclass_options(p, TrainConfig, title="run", renames=_RENAMES, metavars=_METAVARS, choices=CHOICES)
     return p
 
@@ -887,8 +1020,10 @@ def main_train(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     rank = int(os.environ.get("RANK", "0") or 0)
     # rank 0 locks the run folder before train.log is opened: a refused second run must not
     # write into the first run's log (train() takes the same lock again, re-entrantly)
-    with RunLock(config.out_dir, "train") if rank == 0 else nullcontext(), \
-            run_log(Path(config.out_dir) / "train.log") if rank == 0 else nullcontext():
+    with (
+        RunLock(config.out_dir, "train") if rank == 0 else nullcontext(),
+        run_log(Path(config.out_dir) / "train.log") if rank == 0 else nullcontext(),
+    ):
         try:
             result = train(config, resume=args.resume)
         except Exception as e:

@@ -135,10 +135,7 @@ def read_reference_csv(path: str | os.PathLike) -> dict[str, int]:
             if label not in _LABELS:
                 if i == 0:
                     continue  # header
-                raise ValueError(
-                    f"{path}, line {i + 1}: label {label!r} of {row[0]!r} is none of "
-                    f"tumor/normal/1/0"
-                )
+                raise ValueError(f"{path}, line {i + 1}: label {label!r} of {row[0]!r} is none of tumor/normal/1/0")
             labels[_normalise_id(row[0])] = _LABELS[label]
     return labels
 
@@ -197,7 +194,9 @@ def missing_test_slides(root: str | os.PathLike, exclude: Iterable[str] = DEFAUL
 
 
 def discover(
-    root: str | os.PathLike, exclude: Iterable[str] = DEFAULT_EXCLUDE, include_test: bool = True,
+    root: str | os.PathLike,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    include_test: bool = True,
     warn_missing: bool = True,
 ) -> list[SlideRecord]:
     """All CAMELYON16 slides under `root` (layout in the module docstring), sorted by split and id.
@@ -228,8 +227,9 @@ def discover(
         tests, reference, reference_path = _test_labels(root)
         missing = [s for s, _ in tests if s not in reference and s not in exclude]
         if missing:
-            raise ValueError(f"{reference_path} has no label for {len(missing)} test "
-                             f"slide(s): {', '.join(missing[:10])}")
+            raise ValueError(
+                f"{reference_path} has no label for {len(missing)} test slide(s): {', '.join(missing[:10])}"
+            )
         for slide_id, path in tests:
             label = reference.get(slide_id, -1)  # -1 only for excluded slides, dropped below
             records.append(SlideRecord(slide_id, path, label, "test", annotations.get(slide_id)))
@@ -237,8 +237,12 @@ def discover(
         absent = sorted(s for s in reference if s not in present and s not in exclude)
         if absent and warn_missing:
             for slide_id in absent:
-                logger.warning("%s lists %s, but %s holds no such slide file; it is not among the test slides",
-                               reference_path, slide_id, root / "testing" / "images")
+                logger.warning(
+                    "%s lists %s, but %s holds no such slide file; it is not among the test slides",
+                    reference_path,
+                    slide_id,
+                    root / "testing" / "images",
+                )
 
     if not records:
         where = "training/normal/normal_*.tif, training/tumor/tumor_*.tif"
@@ -249,16 +253,21 @@ def discover(
     kept = []
     for r in records:
         if r.slide_id in exclude:
-            logger.info("excluding %s: %s", r.slide_id,
-                        EXCLUDE_REASON.get(r.slide_id, "listed in exclude"))
+            logger.info("excluding %s: %s", r.slide_id, EXCLUDE_REASON.get(r.slide_id, "listed in exclude"))
         else:
             kept.append(r)
     unlabelled_tumours = [r.slide_id for r in kept if r.label == 1 and r.annotation_path is None]
     if unlabelled_tumours:
-        logger.info("%d tumour slides have no lesion annotation (e.g. %s)",
-                    len(unlabelled_tumours), unlabelled_tumours[0])
-    logger.info("found %d slides under %s (%d train, %d test)", len(kept), root,
-                sum(r.split == "train" for r in kept), sum(r.split == "test" for r in kept))
+        logger.info(
+            "%d tumour slides have no lesion annotation (e.g. %s)", len(unlabelled_tumours), unlabelled_tumours[0]
+        )
+    logger.info(
+        "found %d slides under %s (%d train, %d test)",
+        len(kept),
+        root,
+        sum(r.split == "train" for r in kept),
+        sum(r.split == "test" for r in kept),
+    )
     return kept
 
 
@@ -269,12 +278,10 @@ def read_splits(csv_path: str | os.PathLike) -> dict[str, tuple[int, str]]:
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != ["slide", "label", "split"]:
-            raise ValueError(f"{csv_path}: header must be slide,label,split, "
-                             f"got {reader.fieldnames}")
+            raise ValueError(f"{csv_path}: header must be slide,label,split, got {reader.fieldnames}")
         for row in reader:
             if row["split"] not in ("train", "val", "test"):
-                raise ValueError(f"{csv_path}: split {row['split']!r} of {row['slide']} is "
-                                 f"none of train/val/test")
+                raise ValueError(f"{csv_path}: split {row['split']!r} of {row['slide']} is none of train/val/test")
             out[row["slide"]] = (int(row["label"]), row["split"])
     return out
 
@@ -310,8 +317,10 @@ def make_splits(
             )
         for slide_id, (label, _) in splits.items():
             if label != by_id[slide_id].label:
-                raise ValueError(f"{out_csv}: {slide_id} has label {label} but the data set "
-                                 f"says {by_id[slide_id].label}; delete the file to redo")
+                raise ValueError(
+                    f"{out_csv}: {slide_id} has label {label} but the data set "
+                    f"says {by_id[slide_id].label}; delete the file to redo"
+                )
         logger.info("read splits from %s", out_csv)
         return [dataclasses.replace(r, split=splits[r.slide_id][1]) for r in records]
 
@@ -322,8 +331,7 @@ def make_splits(
         order = rng.permutation(len(ids))
         val_ids.update(ids[i] for i in order[: round(len(ids) * val_fraction)])
     result = [
-        dataclasses.replace(r, split="test" if r.split == "test" else
-                            ("val" if r.slide_id in val_ids else "train"))
+        dataclasses.replace(r, split="test" if r.split == "test" else ("val" if r.slide_id in val_ids else "train"))
         for r in records
     ]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -365,8 +373,7 @@ def read_asap_annotations(path: str | os.PathLike) -> list[Annotation]:
                 x = float(c.attrib["X"].replace(",", "."))
                 y = float(c.attrib["Y"].replace(",", "."))
             except (KeyError, ValueError) as e:
-                raise ValueError(f"{path}: bad Coordinate {c.attrib} in annotation "
-                                 f"{ann.get('Name')!r}: {e}") from e
+                raise ValueError(f"{path}: bad Coordinate {c.attrib} in annotation {ann.get('Name')!r}: {e}") from e
             points.append((order, x, y))
         points.sort(key=lambda p: p[0])
         coords = np.array([(x, y) for _, x, y in points], dtype=np.float64).reshape(-1, 2)
@@ -374,9 +381,7 @@ def read_asap_annotations(path: str | os.PathLike) -> list[Annotation]:
     return annotations
 
 
-def read_asap_xml(
-    path: str | os.PathLike, groups: Iterable[str] | None = None
-) -> list[np.ndarray]:
+def read_asap_xml(path: str | os.PathLike, groups: Iterable[str] | None = None) -> list[np.ndarray]:
     """Polygons of an ASAP XML file: a list of (N_i, 2) float64 arrays of (x, y), level 0.
 
     `groups`: keep only annotations whose PartOfGroup is listed (None: all). For CAMELYON16
@@ -394,15 +399,14 @@ def read_lesions(path: str | os.PathLike) -> tuple[list[np.ndarray], list[np.nda
     return lesions, holes
 
 
-def write_asap_xml(
-    path: str | os.PathLike, polygons: Sequence[np.ndarray], group: str = "_0"
-) -> None:
+def write_asap_xml(path: str | os.PathLike, polygons: Sequence[np.ndarray], group: str = "_0") -> None:
     """Write (N_i, 2) (x, y) level-0 polygons as ASAP XML, all in one group."""
     root = ET.Element("ASAP_Annotations")
     anns = ET.SubElement(root, "Annotations")
     for i, poly in enumerate(polygons):
-        ann = ET.SubElement(anns, "Annotation", Name=f"Annotation {i}", Type="Polygon",
-                            PartOfGroup=group, Color="#F4FA58")
+        ann = ET.SubElement(
+            anns, "Annotation", Name=f"Annotation {i}", Type="Polygon", PartOfGroup=group, Color="#F4FA58"
+        )
         coords = ET.SubElement(ann, "Coordinates")
         for k, (x, y) in enumerate(np.asarray(poly, dtype=np.float64)):
             ET.SubElement(coords, "Coordinate", Order=str(k), X=f"{x:.4f}", Y=f"{y:.4f}")

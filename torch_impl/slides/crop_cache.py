@@ -96,8 +96,9 @@ def available_host_memory() -> int:
         return 0
 
 
-def choose_mode(nbytes: int, mode: str, device: torch.device, budget_bytes: int, host_budget_bytes: int
-                ) -> tuple[str, str]:
+def choose_mode(
+    nbytes: int, mode: str, device: torch.device, budget_bytes: int, host_budget_bytes: int
+) -> tuple[str, str]:
     """The tier that holds a crop of ``nbytes`` (module docstring), and why, in words.
 
     Returns ("device" | "host" | "none", reason). Raises ValueError when an explicit
@@ -114,23 +115,28 @@ def choose_mode(nbytes: int, mode: str, device: torch.device, budget_bytes: int,
         return "none", "mode none: tiles are read from the source"
     if mode == "device":
         if not device_fit:
-            raise ValueError(f"slide cache mode 'device': the {size} does not fit the {device} budget of "
-                             f"{budget_bytes / _GIB:.2f} GiB; use mode 'auto' (falls back to host memory or to "
-                             "reading tiles from the file), a larger budget or a smaller crop (max_size)")
+            raise ValueError(
+                f"slide cache mode 'device': the {size} does not fit the {device} budget of "
+                f"{budget_bytes / _GIB:.2f} GiB; use mode 'auto' (falls back to host memory or to "
+                "reading tiles from the file), a larger budget or a smaller crop (max_size)"
+            )
         return "device", on_device
     if mode == "host":
         if not host_fit:
-            raise ValueError(f"slide cache mode 'host': the {size} does not fit the host budget of "
-                             f"{host_budget_bytes / _GIB:.2f} GiB; use mode 'auto' (falls back to reading tiles "
-                             "from the file), a larger budget or a smaller crop (max_size)")
+            raise ValueError(
+                f"slide cache mode 'host': the {size} does not fit the host budget of "
+                f"{host_budget_bytes / _GIB:.2f} GiB; use mode 'auto' (falls back to reading tiles "
+                "from the file), a larger budget or a smaller crop (max_size)"
+            )
         return "host", f"{size} {on_host}"
     if device_fit:
         return "device", on_device
     too_big = f"{size} exceeds the {device} budget of {budget_bytes / _GIB:.2f} GiB"
     if host_fit:
         return "host", f"{too_big} but {on_host}"
-    return "none", (f"{too_big} and the host budget of {host_budget_bytes / _GIB:.2f} GiB: tiles are read "
-                    "from the source")
+    return "none", (
+        f"{too_big} and the host budget of {host_budget_bytes / _GIB:.2f} GiB: tiles are read from the source"
+    )
 
 
 class CropCache:
@@ -299,8 +305,9 @@ class CropCache:
                 return
         _, H, W = self._shape
         seconds = time.perf_counter() - start
-        logger.debug("slide cache filled %d x %d px in %.2f s (%.0f Mpx/s)", H, W, seconds,
-                     H * W / max(seconds, 1e-9) / 1e6)
+        logger.debug(
+            "slide cache filled %d x %d px in %.2f s (%.0f Mpx/s)", H, W, seconds, H * W / max(seconds, 1e-9) / 1e6
+        )
 
     def _read_band(self, r0: int, r1: int) -> torch.Tensor:
         """(3, r1 - r0, W) uint8 host tensor of rows [r0, r1), checked."""
@@ -314,8 +321,10 @@ class CropCache:
             band_shape, band_dtype, ok = band.shape, band.dtype, band.dtype == np.uint8
             band = torch.from_numpy(band)
         if band_shape != (C, r1 - r0, W) or not ok:
-            raise ValueError(f"{self.source!r}.read({r0}, 0, {r1 - r0}, {W}) returned {band_dtype} of shape "
-                             f"{band_shape}, expected uint8 of shape {(C, r1 - r0, W)}")
+            raise ValueError(
+                f"{self.source!r}.read({r0}, 0, {r1 - r0}, {W}) returned {band_dtype} of shape "
+                f"{band_shape}, expected uint8 of shape {(C, r1 - r0, W)}"
+            )
         return band
 
     # ------------------------------------------------------------------ lifetime

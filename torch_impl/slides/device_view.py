@@ -44,12 +44,19 @@ class DeviceAugmentedView(AugmentedView):
     cache's buffer when the transform is the identity; do not write into it).
     """
 
-    def __init__(self, source: ImageSource, params: AugmentParams | None = None,
-                 device: torch.device | str = "cpu", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        source: ImageSource,
+        params: AugmentParams | None = None,
+        device: torch.device | str = "cpu",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(source, params, **kwargs)
         if np.dtype(source.dtype) != np.uint8:
-            raise TypeError(f"DeviceAugmentedView needs a uint8 source (the colour jitter works on 0-255 RGB), "
-                            f"but {source!r} has dtype {source.dtype}")
+            raise TypeError(
+                f"DeviceAugmentedView needs a uint8 source (the colour jitter works on 0-255 RGB), "
+                f"but {source!r} has dtype {source.dtype}"
+            )
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

@@ -71,6 +71,7 @@ def load_he_sample(factor: int = 4) -> np.ndarray:
     rgb = np.asarray(rgba.convert("RGB"), dtype=np.float64) / 255  # (H0, W0, 3)
     h, w = height // factor, width // factor
     blocks = rgb[: h * factor, : w * factor].reshape(h, factor, w, factor, 3)
-    logger.debug("sample slide %d x %d px, averaged over %d x %d blocks -> %d x %d",
-                 height, width, factor, factor, h, w)
+    logger.debug(
+        "sample slide %d x %d px, averaged over %d x %d blocks -> %d x %d", height, width, factor, factor, h, w
+    )
     return blocks.mean(axis=(1, 3))  # (h, w, 3)

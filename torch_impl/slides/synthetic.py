@@ -94,9 +94,7 @@ def _upsample(field: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
 
 
-def _star_polygon(
-    rng: np.random.Generator, cx: float, cy: float, radius: float, n_vertices: int = 64
-) -> np.ndarray:
+def _star_polygon(rng: np.random.Generator, cx: float, cy: float, radius: float, n_vertices: int = 64) -> np.ndarray:
     """(n_vertices, 2) (x, y) of a blob: r(theta) = R (1 + sum_k a_k cos(k theta + phi_k)).
 
     Harmonics k = 2..4 with amplitudes a_k <= 0.12 keep r > 0, so the polygon is simple.
@@ -109,9 +107,7 @@ def _star_polygon(
     return np.stack([cx + r * np.cos(theta), cy + r * np.sin(theta)], axis=1)
 
 
-def synthesize_slide(
-    size: tuple[int, int], tumor: bool, seed: int, mpp: float = 0.25
-) -> SyntheticSlide:
+def synthesize_slide(size: tuple[int, int], tumor: bool, seed: int, mpp: float = 0.25) -> SyntheticSlide:
     """Paint one slide of `size` = (H, W) level-0 pixels at `mpp` um/px (module docstring)."""
     H, W = int(size[0]), int(size[1])
     rng = np.random.default_rng(seed)
@@ -156,8 +152,7 @@ def synthesize_slide(
     # is a Gaussian of sigma ~5 px at level 0, smooth at either resolution.
     half = lesion[::2, ::2]  # (H/2, W/2)
     per_px = (2 * mpp) ** 2  # um^2 per half-resolution pixel
-    p = np.where(half, np.float32(_TUMOR_NUCLEI_PER_UM2 * per_px),
-                 np.float32(_NORMAL_NUCLEI_PER_UM2 * per_px))
+    p = np.where(half, np.float32(_TUMOR_NUCLEI_PER_UM2 * per_px), np.float32(_NORMAL_NUCLEI_PER_UM2 * per_px))
     impulses = (rng.random(half.shape, dtype=np.float32) < p).astype(np.float32)
     sigma = _NUCLEUS_SIGMA_UM / (2 * mpp)
     n = ndimage.gaussian_filter(impulses, sigma) * np.float32(0.85 * 2 * np.pi * sigma**2)
@@ -187,8 +182,10 @@ def _colour_table(jitter: np.ndarray) -> np.ndarray:
     t, n = q[:, None, None], q[None, :, None]  # (L, 1, 1), (1, L, 1)
     table = np.empty((3, _LEVELS, _LEVELS, 3))
     table[0] = _BACKGROUND
-    for c, (light, dark, nuc) in ((1, (_NORMAL_LIGHT, _NORMAL_DARK, _NORMAL_NUC)),
-                                  (2, (_TUMOR_LIGHT, _TUMOR_DARK, _TUMOR_NUC))):
+    for c, (light, dark, nuc) in (
+        (1, (_NORMAL_LIGHT, _NORMAL_DARK, _NORMAL_NUC)),
+        (2, (_TUMOR_LIGHT, _TUMOR_DARK, _TUMOR_NUC)),
+    ):
         light, dark, nuc = np.array(light), np.array(dark), np.array(nuc)
         table[c] = ((light + (dark - light) * t) * (1.0 - n) + nuc * n) * jitter
     return np.clip(np.rint(table), 0, 255).astype(np.uint8)
@@ -214,9 +211,7 @@ def pyramid(rgb: np.ndarray, min_size: int = _MIN_LEVEL_SIZE) -> list[np.ndarray
     return levels
 
 
-def write_pyramid_tiff(
-    path: str | os.PathLike, rgb: np.ndarray, mpp: float, quality: int = 90
-) -> None:
+def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, quality: int = 90) -> None:
     """Write (H, W, 3) uint8 as a tiled (256 px) JPEG pyramidal TIFF that OpenSlide opens.
 
     One top-level page per pyramid level (OpenSlide's generic-tiff reader takes tiled pages,
@@ -273,16 +268,20 @@ def make_demo_data(
     for i in range(1, n_tumor + 1):
         plan.append((f"tumor_{i:03d}", 1, "train", root / "training" / "tumor", train_ann))
     for i, label in enumerate(test_labels, start=1):
-        plan.append((f"test_{i:03d}", int(label), "test", root / "testing" / "images",
-                     test_ann if label else None))
+        plan.append((f"test_{i:03d}", int(label), "test", root / "testing" / "images", test_ann if label else None))
 
     planned = {folder / f"{slide_id}.tif" for slide_id, _, _, folder, _ in plan}
     folders = {folder for _, _, _, folder, _ in plan}
-    stale = [p for folder in sorted(folders) if folder.is_dir()
-             for p in sorted(folder.glob("*.tif")) if p not in planned]
+    stale = [
+        p for folder in sorted(folders) if folder.is_dir() for p in sorted(folder.glob("*.tif")) if p not in planned
+    ]
     if stale:
-        logger.warning("%s already holds %d other slide(s) (e.g. %s) that discover() will "
-                       "also find; use an empty directory", root, len(stale), stale[0].name)
+        logger.warning(
+            "%s already holds %d other slide(s) (e.g. %s) that discover() will also find; use an empty directory",
+            root,
+            len(stale),
+            stale[0].name,
+        )
 
     start = time.perf_counter()
     records = []
@@ -297,16 +296,26 @@ def make_demo_data(
             ann_path = ann_folder / f"{slide_id}.xml"
             write_asap_xml(ann_path, slide.polygons)
         records.append(SlideRecord(slide_id, path, label, split, ann_path))
-        logger.debug("wrote %s (label %d, %.1f%% tissue, %.1f%% of it lesion)", path, label,
-                     100 * slide.tissue.mean(),
-                     100 * slide.lesion.sum() / max(int(slide.tissue.sum()), 1))
+        logger.debug(
+            "wrote %s (label %d, %.1f%% tissue, %.1f%% of it lesion)",
+            path,
+            label,
+            100 * slide.tissue.mean(),
+            100 * slide.lesion.sum() / max(int(slide.tissue.sum()), 1),
+        )
 
     if len(test_labels):
         with open(root / "testing" / "reference.csv", "w") as f:
             for r in records:
                 if r.split == "test":
                     f.write(f"{r.slide_id},Tumor,Macro\n" if r.label else f"{r.slide_id},Normal\n")
-    logger.info("wrote %d synthetic slides of %dx%d px at %g um/px to %s in %.1f s",
-                len(records), H, W, mpp, root, time.perf_counter() - start)
+    logger.info(
+        "wrote %d synthetic slides of %dx%d px at %g um/px to %s in %.1f s",
+        len(records),
+        H,
+        W,
+        mpp,
+        root,
+        time.perf_counter() - start,
+    )
     return records
-

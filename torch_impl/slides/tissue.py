@@ -52,9 +52,7 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
 
 
-def otsu_threshold(
-    values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)
-) -> float:
+def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)) -> float:
     """Otsu's threshold (Otsu 1979) of a sample: the cut t maximising between-class variance.
 
     With histogram probabilities p_k at bin centres c_k, for a cut after bin k:
@@ -107,7 +105,8 @@ def tissue_mask(
             raise NoTissueError(
                 f"the image has no colour saturation (99.9% of its pixels have HSV saturation <= {min_saturation}) "
                 f"but does have content (brightness from {lo:.2f} to {hi:.2f}): a grayscale or unstained scan? "
-                f"Tissue detection finds stained tissue by its saturation; give an RGB scan of the stained slide")
+                f"Tissue detection finds stained tissue by its saturation; give an RGB scan of the stained slide"
+            )
     t = max(otsu_threshold(s), min_saturation)
     mask = s > t
 
@@ -124,8 +123,7 @@ def tissue_mask(
     fill[0] = False  # label 0 is tissue itself
     fill[border] = False  # background connected to the border is not a hole
     mask |= fill[holes]
-    logger.debug("tissue_mask: threshold %.3f, %d pieces kept, %.1f%% tissue",
-                 t, int(keep.sum()), 100 * mask.mean())
+    logger.debug("tissue_mask: threshold %.3f, %d pieces kept, %.1f%% tissue", t, int(keep.sum()), 100 * mask.mean())
     return mask
 
 
@@ -161,9 +159,7 @@ def tissue_bbox(
     return (y0, x0, y1 - y0, x1 - x0)
 
 
-def crop_box(
-    bbox: Box, max_size: int = 65536, rng: np.random.Generator | None = None
-) -> Box:
+def crop_box(bbox: Box, max_size: int = 65536, rng: np.random.Generator | None = None) -> Box:
     """Limit a box (y, x, h, w) to at most `max_size` pixels per side.
 
     Training (`rng` given): along an axis longer than `max_size`, a window of `max_size`
@@ -223,6 +219,7 @@ def mask_at_resolution(
     c0, c1 = spans(bx, bw, out_w, w)  # (W',)
     integral = np.zeros((h + 1, w + 1), dtype=np.int64)
     integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
-    count = (integral[np.ix_(r1, c1)] - integral[np.ix_(r0, c1)]
-             - integral[np.ix_(r1, c0)] + integral[np.ix_(r0, c0)])  # (H', W')
+    count = (
+        integral[np.ix_(r1, c1)] - integral[np.ix_(r0, c1)] - integral[np.ix_(r1, c0)] + integral[np.ix_(r0, c0)]
+    )  # (H', W')
     return count > 0

@@ -32,7 +32,9 @@ class ResidualLayout:
     shortcut: str | None = None
     after: tuple[str, ...] = ()
 
-    def modules(self, block: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None, list[tuple[str, nn.Module]]]:
+    def modules(
+        self, block: nn.Module
+    ) -> tuple[list[tuple[str, nn.Module]], nn.Module | None, list[tuple[str, nn.Module]]]:
         """(named main modules, shortcut module or None, named after modules) of ``block``."""
         shortcut = getattr(block, self.shortcut) if self.shortcut is not None else None
         return (

@@ -14,7 +14,7 @@ are read from their layout; any other custom local block can be taught with
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -30,8 +30,23 @@ IDENTITY: AxisPair = (LayerSpec(1), LayerSpec(1))
 
 # Pointwise modules: each output pixel depends on the same input pixel only.
 POINTWISE = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
 )
 
 
@@ -64,7 +79,9 @@ def _conv_geometry(m: nn.Conv2d) -> AxisPair:
 
 def _pool_geometry(m: nn.MaxPool2d | nn.AvgPool2d) -> AxisPair:
     if m.ceil_mode:
-        raise UnsupportedModuleError(f"{m}: ceil_mode=True changes the output size at tile borders; use ceil_mode=False")
+        raise UnsupportedModuleError(
+            f"{m}: ceil_mode=True changes the output size at tile borders; use ceil_mode=False"
+        )
     if isinstance(m, nn.MaxPool2d) and m.return_indices:
         raise UnsupportedModuleError(f"{m}: return_indices=True is not supported in a streamed trunk")
     k, s, p = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
@@ -141,7 +158,6 @@ def module_geometry(module: nn.Module) -> AxisPair:
         "torch_impl.streaming.register_residual_block or any local block with "
         "torch_impl.streaming.register_geometry"
     )
-
 
 
 def check_streamable(module: nn.Module) -> None:

@@ -68,8 +68,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ACCEPTED_PIXELS = "uint8 (0-255) or float16/32/64 in [0, 1]"
 _FLOAT_PIXELS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: The torch dtypes of those, by their NumPy names (tensor tiles are checked like arrays).
-_TORCH_PIXELS = {torch.uint8: np.dtype(np.uint8), torch.float16: np.dtype(np.float16),
-                 torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_TORCH_PIXELS = {
+    torch.uint8: np.dtype(np.uint8),
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
 
 
 class LazySourceError(ValueError):
@@ -254,9 +258,7 @@ class LazySource:
                 hint = "; (h, w, C) layout? Return channels first: array.transpose(2, 0, 1)"
             elif len(shape) == 3 and shape[1:] == want[1:]:
                 hint = f"; returned {shape[0]} channels, the source declares {want[0]}"
-            raise LazySourceError(
-                f"{where}: returned an array of shape {shape}, expected (C, h, w) = {want}{hint}"
-            )
+            raise LazySourceError(f"{where}: returned an array of shape {shape}, expected (C, h, w) = {want}{hint}")
         if self.dtype is not None and dtype != self.dtype:
             raise LazySourceError(f"{where}: returned dtype {dtype_name} but declares .dtype {self.dtype}")
         if dtype is None or not _accepted(dtype):

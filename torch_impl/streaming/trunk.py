@@ -121,8 +121,9 @@ class StreamingTrunk(nn.Module):
             x = x.clone()
         return x
 
-    def _tiles(self, source: TensorSource | LazySource, plan: TilePlan, device: torch.device
-               ) -> Iterator[tuple[Tile, torch.Tensor]]:
+    def _tiles(
+        self, source: TensorSource | LazySource, plan: TilePlan, device: torch.device
+    ) -> Iterator[tuple[Tile, torch.Tensor]]:
         """Yield (tile, network input on ``device``) for every tile of ``plan``."""
         for tile, pixels in prefetched(source, plan.tiles, self.prefetch, self.read_threads):
             yield tile, self._prepare(pixels, source.lazy, device)
