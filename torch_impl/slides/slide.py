@@ -165,6 +165,8 @@ class RegionView:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = _check_region(y, x, h, w)
+        if 0 <= y and y + h <= self.h and 0 <= x and x + w <= self.w:
+            return self.source.read(self.y0 + y, self.x0 + x, h, w)  # inside: no second copy
         out = np.full((self.shape[0], h, w), 255, dtype=self.dtype)
         return _paste_clipped(
             out, y, x, self.h, self.w,

@@ -194,6 +194,35 @@ def _unsupported_reason(page: tifffile.TiffPage) -> str | None:
     return None
 
 
+_thread_buffers = threading.local()
+
+
+def _decode_jpeg(data: bytes, lv: TiffLevel, rgbx: bool) -> np.ndarray:
+    """(tile_h, tile_w, 3 or 4) pixels of one JPEG tile, in this thread's reusable buffer.
+
+    Decoding into a buffer that stays allocated (and in the cache) instead of a fresh array
+    per tile saves about a fifth of the decoding time (fresh arrays of this size are
+    mmapped, zeroed and faulted in page by page). The caller copies the pixels out before
+    this thread decodes its next tile. libjpeg-turbo writes RGBX as fast as RGB, with the
+    same values in the first three bytes. A tile stored smaller than the tile size (not
+    allowed by TIFF, seen in the wild) decodes into a fresh array.
+    """
+    shape = (lv.tile_h, lv.tile_w, 4 if rgbx else 3)
+    buffers = _thread_buffers.__dict__.setdefault("by_shape", {})
+    buf = buffers.get(shape)
+    if buf is None:
+        buf = buffers[shape] = np.empty(shape, dtype=np.uint8)
+    outcolorspace = "RGBA" if rgbx else "RGB"
+    try:
+        return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace,
+                                        outcolorspace=outcolorspace, out=buf)
+    except ValueError as e:
+        if "out.shape" not in str(e):
+            raise
+        return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace,
+                                        outcolorspace=outcolorspace)
+
+
 class TiffPyramid:
     """The levels of a tiled pyramidal TIFF, read region by region (module docstring).
 
@@ -337,7 +366,8 @@ class TiffPyramid:
         self, level: int, lv: TiffLevel, ty: int, tx: int, rgbx: bool = False
     ) -> np.ndarray | None:
         """(tile_h, tile_w, 3) uint8 pixels of tile (ty, tx), or (tile_h, tile_w, 4) RGBX
-        when `rgbx` and the page is JPEG; None if the file lacks the tile."""
+        when `rgbx` and the page is JPEG; None if the file lacks the tile. JPEG tiles come
+        back in a buffer of this thread that the next decode overwrites."""
         index = ty * lv.tiles_across + tx
         offset, nbytes = int(lv.offsets[index]), int(lv.bytecounts[index])
         where = f"{self.path}: level {level} tile (row {ty}, column {tx})"
@@ -351,10 +381,8 @@ class TiffPyramid:
             raise TileError(f"{where}: the file ends {len(data)} bytes into this tile's "
                             f"{nbytes} bytes at offset {offset} (truncated file?)")
         try:
-            if rgbx and lv.is_jpeg:  # libjpeg-turbo writes RGBX as fast as RGB, same values
-                return imagecodecs.jpeg8_decode(
-                    data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace="RGBA"
-                )
+            if lv.is_jpeg:
+                return _decode_jpeg(data, lv, rgbx)
             pixels, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
         except Exception as e:  # imagecodecs raises its own error class per codec
             raise TileError(f"{where}: cannot decode its {nbytes} bytes (corrupt file?): "
