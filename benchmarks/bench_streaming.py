@@ -29,7 +29,7 @@ Examples (from the repository root)::
 
     python benchmarks/bench_streaming.py                 # CPU defaults, 2-5 minutes on 2 cores
     python benchmarks/bench_streaming.py --cpu-check     # one line: streamed vs cost model at 2048^2
-    python benchmarks/bench_streaming.py --device cuda --dtype bf16   # the DESIGN.md anchors
+    python benchmarks/bench_streaming.py --device cuda --dtype bf16   # the H100 anchors of RESULTS.md
     python benchmarks/bench_streaming.py --device cuda --sizes 65536 --tiles 5760 --plain-max 0 --calibrate 8192
 
 On the CPU the default is one thread (``--threads 1``) timed by the process's user CPU time

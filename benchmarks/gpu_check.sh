@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA tests, then the streaming benchmark at the anchor
-# sizes of DESIGN.md ("Measured anchors"), in bf16 and fp32, with a short table last.
+# One command for a GPU machine: the CUDA tests, then the streaming benchmark at the sizes of
+# the H100 anchors in benchmarks/RESULTS.md, in bf16 and fp32, with a short table last.
 #
 # Needs only a python3 with torch (and numpy) that sees a CUDA device; no network, nothing
 # installed from this repository. Run from the repository root:

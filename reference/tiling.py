@@ -22,9 +22,11 @@ Each axis thus has at most two tile lengths, and an image at most four tile shap
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import product
+from numbers import Integral
 from typing import Iterator, Sequence
 
 from .geometry import AxisGeometry, _ceil_div, output_size
@@ -37,6 +39,7 @@ __all__ = [
     "best_tile_size",
     "plan_axis",
     "plan_tiles",
+    "size_pair",
 ]
 
 
@@ -165,14 +168,20 @@ class TilePlan:
 def min_tile_size(geometry: AxisGeometry, n: int) -> int:
     """Smallest tile length the planner accepts for an axis of ``n`` pixels.
 
-    ``min(n, max(c S + r - o, n - S floor((n - 1) / S)))``: one tile covering the axis always
-    works; otherwise every interior tile must hold the halo ``c S - o`` on its left, one
-    receptive field, and own at least one output, and the last tile, which starts on a
-    multiple of ``S`` inside the image, must reach the border.
+    ``min(n, max(c S + r - o, l))``: one tile covering the axis always works; otherwise
+    every interior tile must hold the halo ``c S - o`` on its left, one receptive field, and
+    own at least one output, and the last tile, which starts on a multiple of ``S`` inside
+    the image, must reach the border and give every layer a non-empty output: ``l`` is the
+    shortest such length, ``n - S floor((n - 1) / S)`` (the pixels after the last multiple
+    of S) plus as many S as that takes. (A pooling that floors drops the image's last
+    pixels; an output past them that reads only padding still needs the tile to reach the
+    pooling window.)
     """
     S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
-    last_cell = n - (n - 1) // S * S  # pixels after the last multiple of S (1..S)
-    return min(n, max(_ceil_div(o, S) * S + r - o, last_cell))
+    last = n - (n - 1) // S * S  # pixels after the last multiple of S (1..S)
+    while last < n and geometry.output_size(last) < 1:
+        last += S
+    return min(n, max(_ceil_div(o, S) * S + r - o, last))
 
 
 def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]:
@@ -181,8 +190,9 @@ def plan_axis(geometry: AxisGeometry, n: int, tile: int) -> tuple[AxisTile, ...]
     Raises:
         ValueError: ``n`` gives no output, or ``tile`` is below :func:`min_tile_size`.
     """
-    if not isinstance(tile, int) or tile <= 0:
-        raise ValueError(f"tile size must be a positive int, got {tile!r}")
+    if not _is_integral(tile) or tile <= 0:
+        raise ValueError(f"tile size must be a positive int, got {tile!r} ({type(tile).__name__})")
+    tile = int(tile)
     n_out = output_size(geometry, n)
     S, r, o = geometry.stride, geometry.receptive_field, geometry.offset
     if tile >= n:
@@ -223,6 +233,8 @@ def _spans(geometry: AxisGeometry, n: int, n_out: int, L: int) -> list[tuple[int
         if a + L >= n:  # last tile: move it back to end on the border, keep a multiple of S
             # (and start inside the image: outputs that read only padding need a real tile)
             a_last = min(max(_ceil_div(n - L, S) * S, 0), (n - 1) // S * S)
+            while a_last > 0 and geometry.output_size(n - a_last) < 1:  # a layer would get nothing
+                a_last -= S  # (no longer than min_tile_size, so within the cap)
             spans.append((a_last, n, j0, n_out))
             break
         j1 = min((a + L - r + o) // S + 1, n_out)  # first output not inside [a, a + L)
@@ -257,13 +269,32 @@ def best_tile_size(geometry: AxisGeometry, n: int, max_tile: int) -> int:
     return min(candidates, key=lambda t: (sum(tile.length for tile in plan_axis(geometry, n, t)), -t))
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    pair = tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+def _is_integral(value: object) -> bool:
+    """int, np.int64, ...: any integral number but a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or an (h, w) pair of ints, all positive, as a pair of Python ints.
+
+    Any integral type is accepted (``np.int64(960)`` from a config or an array shape); any
+    other value is refused naming its type (``960.0`` is a float: pass ``int(960.0)``).
+
+    Raises:
+        ValueError: not a positive integral number or a pair of them.
+    """
+    if _is_integral(value):
+        pair = (value, value)
+    elif isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        pair = tuple(value)
+    else:
+        pair = ()
+    if len(pair) != 2 or not all(_is_integral(v) and v > 0 for v in pair):
+        raise ValueError(
+            f"{name} must be a positive int or an (h, w) pair of positive ints, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return int(pair[0]), int(pair[1])
 
 
 def plan_tiles(
@@ -276,10 +307,11 @@ def plan_tiles(
     Args:
         geometry: (rows, cols) geometry of the network, e.g. ``net.geometry``.
         image_size: (H, W) in pixels.
-        tile_size: maximum tile size, an int or an (h, w) pair.
+        tile_size: maximum tile size, an int or an (h, w) pair (any integral type, see
+            :func:`size_pair`).
     """
-    H, W = _pair(image_size, "image_size")
-    th, tw = _pair(tile_size, "tile_size")
+    H, W = size_pair(image_size, "image_size")
+    th, tw = size_pair(tile_size, "tile_size")
     gh, gw = geometry
     try:
         rows = plan_axis(gh, H, th)

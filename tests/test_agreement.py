@@ -9,34 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 from torch_impl.streaming import StreamingTrunk
 from torch_impl.streaming.to_reference import to_reference
-
-
-def relative_error(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    scale = np.abs(b).max()
-    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
-
-
-def random_trunk(width: int, seed: int) -> torch.nn.Sequential:
-    """A ResNet-34 trunk in float64 with random weights and batch-norm statistics, BN frozen."""
-    torch.manual_seed(seed)
-    net = trunk(resnet34(width=width)).double()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return freeze_batchnorm(net)
+from tests.helpers import random_resnet34_trunk, relative_error
 
 
 def test_converted_trunk_matches_torch_streamed():
     """reference full == torch plain == torch streamed, outputs and every gradient."""
-    net = random_trunk(width=4, seed=0)
+    net = random_resnet34_trunk(width=4, seed=0)
     ref, names = to_reference(net)
     assert set(names.values()) == {n for n, _ in net.named_parameters()}
 
@@ -64,7 +44,7 @@ def test_converted_trunk_matches_torch_streamed():
 
 def test_full_width_resnet34_streams_exactly():
     """The real ResNet-34 trunk (64..512 channels), several tiles each way, all gradients."""
-    net = random_trunk(width=64, seed=1)
+    net = random_resnet34_trunk(width=64, seed=1)
     params = dict(net.named_parameters())
     assert len(params) > 100
     x = torch.randn(1, 3, 1000, 1010, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -15,13 +15,13 @@ import torch
 
 from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
 from torch_impl.streaming import StreamingTrunk, to_model_input
+from tests import helpers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+    return helpers.relative_error(a, b, floor=1e-12)
 
 
 @pytest.fixture

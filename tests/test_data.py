@@ -31,7 +31,6 @@ from torch_impl.slides import (
     SlideError,
     crop_box,
     discover,
-    main_make_demo_data,
     make_splits,
     mask_at_resolution,
     rasterize_polygons,
@@ -616,15 +615,3 @@ def test_synthesis_is_deterministic_and_sized():
     c = synthesize_slide((512, 768), tumor=False, seed=5)
     assert not c.lesion.any() and c.polygons == []
     assert slide_seed(0, "tumor_001") == slide_seed(0, "tumor_001") != slide_seed(0, "tumor_002")
-
-
-def test_cli_writes_layout(tmp_path):
-    status = main_make_demo_data([str(tmp_path), "--n-normal", "1", "--n-tumor", "1",
-                                  "--n-test-normal", "0", "--n-test-tumor", "1",
-                                  "--size", "512", "--seed", "3"])
-    assert status == 0
-    records = discover(tmp_path)
-    assert [(r.slide_id, r.label) for r in records] == [("normal_001", 0), ("tumor_001", 1),
-                                                        ("test_001", 1)]
-    with Slide(records[2].path, mpp=0.5) as s:
-        assert s.level_count == 2 and s.shape == (3, 256, 256)

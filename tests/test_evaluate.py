@@ -1,5 +1,8 @@
 """Evaluation, ROC/bootstrap metrics, attention heatmaps and their CLIs.
 
+Whole-slide inference itself (``predict_slide``, saved predictions, the ``predict``
+command) is tested in ``tests/test_predict.py``.
+
 Oracles: a brute-force threshold sweep for the ROC points and the trapezoid area under
 them against ``torch_impl.pipeline.metrics.roc_auc``; plain loops over pixels for where an attention
 cell lands on a thumbnail and in the TIFF; a rectangle lesion drawn exactly over one cell;
@@ -26,14 +29,8 @@ from hypothesis import strategies as st
 from tests.data_fixtures import TINY, make_tiny_camelyon
 from torch_impl.slides import discover, make_splits, read_lesions
 from torch_impl.slides.synthetic import slide_seed, synthesize_slide
-from torch_impl.pipeline.evaluate import (
-    BadSlideError,
-    bootstrap_auc_ci,
-    evaluate_run,
-    main_evaluate,
-    predict_slide,
-    roc_curve,
-)
+from torch_impl.pipeline.checkpoint import load_model
+from torch_impl.pipeline.evaluate import bootstrap_auc_ci, evaluate_run, main_evaluate, roc_curve
 from torch_impl.pipeline.heatmap import (
     attention_auc,
     attention_on_image,
@@ -44,8 +41,9 @@ from torch_impl.pipeline.heatmap import (
     write_attention_tiff,
     write_heatmap,
 )
-from torch_impl.slides.inputs import open_slide_input
 from torch_impl.pipeline.metrics import roc_auc
+from torch_impl.pipeline.predict import load_prediction, predict_file, save_prediction
+from torch_impl.pipeline.runtime import BadSlideError
 from torch_impl.models.streaming_clam import ModelConfig, build_model
 
 MPP = 0.5  # working resolution of the tests: the 1024-px slides become 512 px
@@ -132,41 +130,6 @@ def test_bootstrap_ci_contains_auc_and_is_deterministic():
 
 def test_bootstrap_ci_of_perfect_separation_is_one():
     assert bootstrap_auc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], n_resamples=50) == (1.0, 1.0)
-
-
-# ---------------------------------------------------------------- predict_slide
-def test_predict_slide_deterministic_and_restores_mode(data_root, model):
-    path = data_root / "testing" / "images" / "test_001.tif"
-    model.train()
-    try:
-        preds = []
-        for _ in range(2):
-            slide_input = open_slide_input(path, mpp=MPP)
-            try:
-                preds.append(predict_slide(model, slide_input, "cpu"))
-            finally:
-                slide_input.close()
-        assert model.training  # put back as it was
-    finally:
-        model.eval()
-    a, b = preds
-    assert a.slide_id == "test_001" and a.prob_tumor == b.prob_tumor
-    np.testing.assert_array_equal(a.attention, b.attention)
-    assert a.cell_size == 32 * CONFIG.pool_size and a.mpp == pytest.approx(MPP)
-    # grid shapes: trunk output over the crop, then ceil-pooling
-    _, _, h, w = a.box
-    assert a.feature_hw == (math.ceil(h / 32), math.ceil(w / 32))
-    assert a.attention.shape == tuple(math.ceil(n / CONFIG.pool_size) for n in a.feature_hw)
-    assert abs(a.attention.sum() - 1) < 1e-5 and (a.attention >= 0).all()
-
-
-def test_predict_slide_refuses_other_device(data_root, model):
-    slide_input = open_slide_input(data_root / "testing" / "images" / "test_002.tif", mpp=MPP)
-    try:
-        with pytest.raises(ValueError, match="model.to"):
-            predict_slide(model, slide_input, "meta")
-    finally:
-        slide_input.close()
 
 
 # ---------------------------------------------------------------- evaluate_run
@@ -339,7 +302,10 @@ def test_attention_auc_rule():
 def test_write_heatmap_png_tiff_and_lesion_auc(run, data_root, checkpoint, tmp_path):
     slide = data_root / "testing" / "images" / "test_001.tif"
     xml = data_root / "testing" / "lesion_annotations" / "test_001.xml"
-    res = write_heatmap(checkpoint, slide, tmp_path, annotation=xml, device="cpu")
+    net, _ = load_model(checkpoint, device="cpu")  # the caller runs the model; write_heatmap draws
+    pred = predict_file(net, slide, MPP, "cpu")
+    save_prediction(pred, tmp_path / "attention")
+    res = write_heatmap(pred, tmp_path, annotation=xml)
     png, tiff = Path(res["png"]), Path(res["tiff"])
     assert png == tmp_path / "test_001_heatmap.png" and png.read_bytes()[:4] == b"\x89PNG"
     assert tiff == tmp_path / "test_001_attention.tif"
@@ -367,20 +333,18 @@ def test_write_heatmap_png_tiff_and_lesion_auc(run, data_root, checkpoint, tmp_p
         assert base[y, x] == want
 
     # the same drawing from the saved map, without the model
-    again = write_heatmap(None, slide, tmp_path / "saved", annotation=xml,
-                          attention=out / "attention" / "test_001.npy")
+    again = write_heatmap(load_prediction(out / "attention" / "test_001.npy"), tmp_path / "saved", annotation=xml)
     assert again["attention_auc"] == res["attention_auc"] and again["prob_tumor"] == res["prob_tumor"]
     with tifffile.TiffFile(again["tiff"]) as tif:
         np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), base)
 
 
 def test_write_heatmap_with_model_lesion_cells_match_ground_truth(data_root, model, tmp_path):
-    """A model object needs mpp; the lesion cells agree with the generator's lesion mask."""
+    """The lesion cells agree with the generator's lesion mask."""
     slide = data_root / "testing" / "images" / "test_004.tif"
     xml = data_root / "testing" / "lesion_annotations" / "test_004.xml"
-    with pytest.raises(ValueError, match="mpp"):
-        write_heatmap(model, slide, tmp_path, annotation=xml)
-    res = write_heatmap(model, slide, tmp_path, annotation=xml, mpp=MPP)
+    save_prediction(predict_file(model, slide, MPP), tmp_path / "attention")
+    res = write_heatmap(load_prediction(tmp_path / "attention" / "test_004.npy"), tmp_path, annotation=xml)
     assert res["attention_auc"] is None or 0.0 <= res["attention_auc"] <= 1.0
 
     # oracle: the painted lesion mask (level 0, 0.25 um/px) averaged over each cell's
@@ -401,13 +365,25 @@ def test_write_heatmap_with_model_lesion_cells_match_ground_truth(data_root, mod
     assert (frac - want).max() <= 0.1 and (frac - want).min() >= -0.01
 
 
-def test_main_heatmap_cli(run, data_root, tmp_path):
+def test_main_heatmap_cli(run, data_root, checkpoint, tmp_path):
     out, _ = run
     slide = data_root / "testing" / "images" / "test_003.tif"
     assert main_heatmap(["--slide", str(slide), "--out", str(tmp_path),
                          "--attention", str(out / "attention" / "test_003.npy")]) == 0
     assert (tmp_path / "test_003_heatmap.png").is_file() and (tmp_path / "test_003_attention.tif").is_file()
+    assert json.loads((tmp_path / "test_003_attention.geojson").read_text())["type"] == "FeatureCollection"
+    # with the checkpoint: runs the model (mpp from the checkpoint), saves the attention evaluate saved
+    assert main_heatmap(["--slide", str(slide), "--out", str(tmp_path / "model"), "--checkpoint", str(checkpoint),
+                         "--device", "cpu", "--amp", "off"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "model" / "attention" / "test_003.npy"),
+                                  np.load(out / "attention" / "test_003.npy"))
+    with tifffile.TiffFile(tmp_path / "model" / "test_003_attention.tif") as a, \
+            tifffile.TiffFile(tmp_path / "test_003_attention.tif") as b:
+        np.testing.assert_array_equal(a.series[0].levels[0].asarray(), b.series[0].levels[0].asarray())
     with pytest.raises(SystemExit):
         main_heatmap(["--slide", str(slide), "--out", str(tmp_path)])  # neither model nor map
     with pytest.raises(ValueError, match="test_001"):  # another slide's map
-        write_heatmap(None, slide, tmp_path, attention=out / "attention" / "test_001.npy")
+        write_heatmap(load_prediction(out / "attention" / "test_001.npy"), tmp_path, slide_path=slide)
+    with pytest.raises(ValueError, match="test_001"):  # the same through the command line
+        main_heatmap(["--slide", str(slide), "--out", str(tmp_path),
+                      "--attention", str(out / "attention" / "test_001.npy")])

@@ -217,6 +217,19 @@ def test_outputs_that_read_only_padding_get_a_real_tile():
         assert tiles[-1].stop == n and tiles[-1].out_stop == g.output_size(n)
 
 
+def test_the_last_tile_gives_every_layer_an_output():
+    """Pool 2 then pad 1 on 5 pixels: the pool drops pixel 4, and the last output reads only
+    padding. A last tile [4, 5) would give the pool nothing to pool (torch raises); the
+    smallest tile size is 3, so that the last tile can start at 2 (found by Hypothesis)."""
+    g = compose([LayerSpec(2, 2), LayerSpec(1, 1, 1)])
+    assert g.output_size(5) == 4 and g.output_size(1) == 0
+    assert min_tile_size(g, 5) == 3
+    with pytest.raises(ValueError, match="at least 3"):
+        plan_axis(g, 5, 2)
+    tiles = plan_axis(g, 5, 3)
+    assert tiles[-1].stop == 5 and all(t.out_length >= 1 for t in tiles)
+
+
 def test_plan_errors_are_clear():
     g = compose([LayerSpec(7, 2, 3), LayerSpec(3, 2, 1)])
     with pytest.raises(ValueError, match="image 100x80, tile 5x5.*at least"):
@@ -243,3 +256,14 @@ def test_best_tile_size_computes_least(chain, n, data):
         return sum(tile.length for tile in plan_axis(chain, n, t))
 
     assert computed(best) == min(computed(t) for t in range(smallest, min(max_tile, n) + 1))
+
+
+def test_sizes_accept_any_integral_type():
+    """np.int64 from a config or an array shape is as good as an int (floats are refused:
+    tests/test_bad_inputs.py)."""
+    g = compose([LayerSpec(7, 2, 3), LayerSpec(3, 2, 1)])
+    want = plan_tiles((g, g), (100, 80), 40)
+    assert plan_tiles((g, g), (np.int64(100), np.int32(80)), np.int64(40)) == want
+    assert plan_tiles((g, g), np.array([100, 80]), (np.uint16(40), 40)) == want
+    assert all(type(v) is int for v in (*want.image_size, *want.output_size))
+    assert plan_axis(g, 100, np.int64(40)) == want.rows

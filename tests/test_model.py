@@ -7,22 +7,20 @@ import torch
 
 from torch_impl.models.clam import CLAMSingleBranch
 from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM, build_model
-from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
+from tests import helpers
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|; gradients below 1e-8 count as zero (the attention bias's
-    gradient is exactly 0 in exact arithmetic: softmax ignores a common shift)."""
-    scale = max(b.abs().max().item(), 1e-8)
-    return (a - b).abs().max().item() / scale
+    """Gradients below 1e-8 count as zero: the attention bias's gradient is exactly 0 in
+    exact arithmetic (softmax ignores a common shift)."""
+    return helpers.relative_error(a, b, floor=1e-8)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def small_model(pool: str | None) -> StreamingCLAM:
-    torch.manual_seed(0)
-    body = freeze_batchnorm(trunk(resnet34(width=2)).double())
+    body = helpers.random_resnet34_trunk(width=2, seed=0)
     head = CLAMSingleBranch(in_dim=16, hidden_dim=8, attention_dim=4, pool=pool, pool_size=2).double()
     return StreamingCLAM(body, head, tile_size=992)
 

@@ -15,13 +15,8 @@ from reference.geometry import receptive_interval
 from reference.nets import resnet34_trunk
 from reference.streaming import plan_for, stream_backward, stream_forward
 from reference.tiling import min_tile_size
+from tests.helpers import relative_error
 from tests.strategies import reference_networks
-
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b| over the whole array."""
-    scale = np.abs(b).max()
-    return float(np.abs(a - b).max() / (scale if scale > 0 else 1.0))
 
 
 @st.composite

@@ -16,6 +16,7 @@ from reference.geometry import compose, parallel
 from reference.tiling import min_tile_size
 from torch_impl.streaming.geometry import UnsupportedModuleError, module_geometry, register_geometry
 from torch_impl.streaming import StreamingTrunk, to_model_input
+from tests.helpers import ArrayRegions, randomize_batchnorm, relative_error
 
 
 class SumBlock(nn.Module):
@@ -38,19 +39,29 @@ def _sum_block_geometry(block: SumBlock):
 register_geometry(SumBlock, _sum_block_geometry)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| over the whole tensor."""
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
 # ---------------------------------------------------------------- random trunks
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.Hardtanh)
+
+
+def in_place_activations():
+    return st.sampled_from([
+        lambda: nn.ReLU(inplace=True), lambda: nn.LeakyReLU(0.1, inplace=True),
+        lambda: nn.SiLU(inplace=True), lambda: nn.Hardtanh(-0.5, 0.5, inplace=True),
+    ]).map(lambda make: make())
+
+
 @st.composite
-def trunks(draw, in_channels: int = 2):
+def trunks(draw, in_channels: int = 2, in_place: bool = False):
     """Random local trunks: conv (kernels, strides, paddings, dilations, groups), pools,
-    batch norm, activations and residual blocks, with a channel count that flows through."""
+    batch norm, activations and residual blocks, with a channel count that flows through.
+
+    ``in_place``: the trunk starts with an activation that writes into its input
+    (``inplace=True``), so into the tiles the engine feeds it, and so does every activation
+    but one right after another activation (whose backward may need the output that an
+    in-place write would overwrite: plain torch refuses to differentiate that too).
+    """
     c = in_channels
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [draw(in_place_activations())] if in_place else []
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(["conv", "conv", "maxpool", "avgpool", "bn", "act", "residual"]))
         if kind == "conv":
@@ -69,15 +80,11 @@ def trunks(draw, in_channels: int = 2):
             pool = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
             layers.append(pool(k, stride=draw(st.integers(1, 3)), padding=draw(st.integers(0, k // 2))))
         elif kind == "bn":
-            bn = nn.BatchNorm2d(c)
-            with torch.no_grad():
-                bn.running_mean.normal_()
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.normal_()
-                bn.bias.normal_()
-            layers.append(bn)
+            layers.append(randomize_batchnorm(nn.BatchNorm2d(c), seed=draw(st.integers(0, 2**16))))
         elif kind == "act":
-            layers.append(draw(st.sampled_from([nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU]))())
+            after_activation = bool(layers) and isinstance(layers[-1], ACTIVATIONS)
+            layers.append(draw(in_place_activations()) if in_place and not after_activation else
+                          draw(st.sampled_from([nn.ReLU, nn.Tanh, nn.SiLU, nn.LeakyReLU]))())
         else:
             s = draw(st.integers(1, 2))
             k = draw(st.sampled_from([1, 3, 5]))
@@ -95,8 +102,8 @@ def trunks(draw, in_channels: int = 2):
 
 
 @st.composite
-def trunk_and_image(draw):
-    trunk = draw(trunks())
+def trunk_and_image(draw, in_place: bool = False):
+    trunk = draw(trunks(in_place=in_place))
     gh, gw = module_geometry(trunk)
     H, W = draw(st.integers(4, 48)), draw(st.integers(4, 48))
     assume(gh.output_size(H) >= 1 and gw.output_size(W) >= 1)
@@ -130,6 +137,78 @@ def test_streamed_output_and_gradients_equal_plain(case, seed):
         assert relative_error(a, b) <= 1e-10, name
 
 
+def in_place_example() -> tuple[nn.Sequential, torch.Tensor]:
+    """The trunk that writes into its input, on a 200 x 200 float64 image (tile 48)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+    ).double()
+    return trunk, _seeded((1, 3, 200, 200), 0)
+
+
+def test_a_trunk_that_writes_into_its_input_streams_exactly():
+    """Overlapping tiles are views of one image: a first layer that writes into its input
+    must get a copy, or it changes its neighbours' pixels (and the caller's tensor)."""
+    trunk, x = in_place_example()
+    before = x.clone()
+    streamed = StreamingTrunk(trunk, 48)
+    assert len(streamed.plan(x.shape[-2:])) > 1
+    y = streamed(x)
+    assert torch.equal(x, before)  # the caller's tensor is untouched
+    y_plain = trunk(x.clone())  # plain torch writes into its input: give it a copy
+    assert relative_error(y, y_plain) <= 1e-12
+
+    grad_y = _seeded(y.shape, 1)
+    params = list(trunk.parameters())
+    plain = torch.autograd.grad(y_plain, params, grad_y)
+    stream = torch.autograd.grad(y, params, grad_y)
+    assert torch.equal(x, before)
+    for a, b in zip(stream, plain):
+        assert relative_error(a, b) <= 1e-10
+
+
+@given(trunk_and_image(in_place=True), st.integers(0, 2**16))
+def test_in_place_trunks_stream_exactly_and_leave_the_input_alone(case, seed):
+    """Random trunks whose activations all write into their input, the first one into the
+    tile itself: output, parameter and input gradients equal plain, and the input is unchanged.
+
+    The input is a non-leaf tensor (x0 * 1): plain torch refuses in-place writes into a leaf
+    that requires a gradient, but an input computed by earlier layers is fair game.
+    """
+    trunk, shape, tile = case
+    x0 = _seeded(shape, seed).requires_grad_(True)
+    x = x0 * 1.0
+    before = x.detach().clone()
+    y = StreamingTrunk(trunk, tile)(x)
+    assert torch.equal(x, before)
+    y_plain = trunk(x0 * 1.0)
+    assert relative_error(y, y_plain) <= 1e-12
+
+    grad_y = _seeded(y.shape, seed + 1)
+    params = list(trunk.parameters())
+    plain = torch.autograd.grad(y_plain, [x0, *params], grad_y)
+    stream = torch.autograd.grad(y, [x0, *params], grad_y)
+    assert torch.equal(x, before)
+    for name, a, b in zip(["input", *[n for n, _ in trunk.named_parameters()]], stream, plain):
+        assert relative_error(a, b) <= 1e-10, name
+
+
+def test_a_lazy_source_is_never_written_to():
+    """A float image read whole (one tile, no normalisation) is not handed to the module
+    itself: a first layer that writes into its input would change the caller's array."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Hardtanh(0.2, 0.8, inplace=True), nn.Conv2d(3, 4, 3, padding=1)).double()
+    image = np.random.default_rng(0).random((3, 50, 40))  # (C, H, W) float64 in [0, 1]
+    before = image.copy()
+    streamed = StreamingTrunk(trunk, 64, mean=None, std=None)
+    with torch.no_grad():
+        y = streamed(ArrayRegions(image))
+    np.testing.assert_array_equal(image, before)
+    with torch.no_grad():
+        assert relative_error(y, trunk(torch.from_numpy(before.copy())[None])) <= 1e-12
+
+
 def test_loss_backward_accumulates_into_grad():
     """A plain loss.backward() runs the streamed backward and fills .grad, as autograd does."""
     torch.manual_seed(0)
@@ -159,18 +238,6 @@ def test_frozen_parameters_get_no_gradient_and_no_grad_mode_streams():
     assert not y.requires_grad and relative_error(y, trunk(x)) <= 1e-12
 
 
-class MemmapRegions:
-    """A lazy source with .shape and .read over a (C, H, W) uint8 memory map."""
-
-    def __init__(self, array):
-        self.array, self.shape = array, array.shape
-        self.reads: list[tuple[int, int, int, int]] = []
-
-    def read(self, y, x, h, w):
-        self.reads.append((y, x, h, w))
-        return self.array[:, y:y + h, x:x + w]
-
-
 def test_lazy_source_gives_the_same_output_and_gradients(tmp_path):
     rng = np.random.default_rng(3)
     pixels = np.lib.format.open_memmap(tmp_path / "image.npy", mode="w+", dtype=np.uint8, shape=(3, 57, 70))
@@ -178,7 +245,7 @@ def test_lazy_source_gives_the_same_output_and_gradients(tmp_path):
     pixels.flush()
     trunk = nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1)).double().eval()
     streamed = StreamingTrunk(trunk, 24)
-    source = MemmapRegions(np.load(tmp_path / "image.npy", mmap_mode="r"))
+    source = ArrayRegions(np.load(tmp_path / "image.npy", mmap_mode="r"))
 
     x = to_model_input(torch.from_numpy(np.array(pixels))[None], dtype=torch.float64)
     y_plain = trunk(x)

@@ -28,20 +28,20 @@ class ModelConfig:
 
     width: int = 64  # ResNet-34 base width (64 = the real network; smaller for CPU demos)
     weights: str | None = None  # local torchvision resnet34 weight file; None = random init
-    freeze_bn_affine: bool = False  # also freeze batch-norm weight/bias (statistics are always frozen)
+    freeze_bn_affine: bool = True  # also freeze batch-norm weight/bias (statistics are always frozen)
     head: str = "sb"  # "sb" (single branch, the paper's) or "mb" (multi branch)
-    n_classes: int = 2
+    n_classes: int = 2  # slide classes (2: normal, tumour)
     hidden_dim: int = 512  # width of the head's first layer (fc 512 -> 512)
     attention_dim: int = 256  # D of the gated attention
     dropout: float = 0.0  # head only; the streamed trunk has no dropout
     instance_loss: bool = False  # CLAM's instance-level clustering loss (off in StreamingCLAM)
-    k_sample: int = 8
-    bag_weight: float = 0.7
+    k_sample: int = 8  # instance loss: feature-map cells per pseudo-label (CLAM's k_sample)
+    bag_weight: float = 0.7  # instance loss: weight of the bag loss (the instance loss gets 1 - bag_weight)
     pool: str | None = "max"  # pooling of the feature map before the head ("max", "avg", None)
-    pool_size: int = 8
+    pool_size: int = 8  # pooling window and stride, feature-map cells
     tile_size: int = 5760  # forward (tape-free) tile, input pixels
     backward_tile_size: int | None = None  # recompute + backward tile; None = tile_size
-    channels_last: bool = False
+    channels_last: bool = False  # run the trunk in channels-last memory format
 
 
 class StreamingCLAM(nn.Module):

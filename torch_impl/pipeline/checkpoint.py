@@ -15,9 +15,10 @@ read (tensors, numbers, strings, lists, dicts, tuples only; no pickled classes):
     rng              {"python", "numpy", "torch", "cuda"} generator states
     best_val_auc, best_val_loss, history, epoch_loss_sum, epoch_slides, ...
 
-Saving is atomic: the bytes go to a temporary file in the same folder, are flushed and
-fsync'ed, then ``os.replace`` puts the file in place in one step. A crash or a failed write
-leaves the previous checkpoint untouched and no partial file behind.
+Saving is atomic (:func:`torch_impl.pipeline.runtime.atomic_write`): the bytes go to a
+temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` puts the
+file in place in one step. A crash or a failed write leaves the previous checkpoint
+untouched and no partial file behind.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import logging
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,12 +37,15 @@ import numpy as np
 import torch
 
 from ..models.streaming_clam import ModelConfig, StreamingCLAM, build_model
+from .runtime import atomic_write
 
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "read_train_config",
+    "trained_mpp",
     "quiet_random_init",
     "rng_state",
     "set_rng_state",
@@ -56,40 +59,16 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
-    """Write ``state`` (the keys in the module docstring) to ``path`` atomically.
+    """Write ``state`` (the keys in the module docstring) to ``path`` atomically
+    (:func:`~torch_impl.pipeline.runtime.atomic_write`).
 
     Returns the path. On any failure the temporary file is removed and the error re-raised;
     an existing file at ``path`` is never touched before the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync a directory so a rename in it survives a power cut (no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -167,6 +146,32 @@ def load_model(
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the stored weights do not fit the stored model_config: {e}") from e
     return model.to(device), config
+
+
+def read_train_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The ``train_config`` dict stored in a checkpoint (memory-mapped, tensors not read)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint (corrupt or truncated file?): {e}") from e
+    config = state.get("train_config") if isinstance(state, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has no 'train_config' dict; is it a StreamingCLAM checkpoint?")
+    return config
+
+
+def trained_mpp(checkpoint: str | os.PathLike, mpp: float | None = None) -> float:
+    """The working resolution (um/px) to run a checkpoint at: ``mpp`` if given, else the
+    ``train_config["mpp"]`` it was trained at."""
+    if mpp is not None:
+        return float(mpp)
+    config = read_train_config(checkpoint)
+    if "mpp" not in config:
+        raise ValueError(f"{checkpoint}: train_config has no 'mpp'; pass mpp (--mpp) explicitly")
+    return float(config["mpp"])
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -1,7 +1,11 @@
 """Training configuration: one typed dataclass, loaded from JSON, overridden by the CLI, validated.
 
-    TrainConfig  (this module)          what to train on, how long, how, where to write
-      model: ModelConfig (model.py)     what the network is made of
+    TrainConfig  (this module)                  what to train on, how long, how, where to write
+      model: ModelConfig (models/streaming_clam.py)  what the network is made of
+
+Each field is documented once, by its trailing comment: the command line's options are
+generated from these dataclasses and the comments become their help
+(:mod:`torch_impl.pipeline.options`); ``# --- title ---`` lines group the options.
 
 A run folder holds the fully resolved configuration as ``config.json`` (written by
 :func:`save_config`), so ``--resume`` and the evaluation read back exactly what was used.
@@ -23,8 +27,9 @@ from typing import Any
 
 from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..models.streaming_clam import ModelConfig
+from .runtime import atomic_write
 
-__all__ = ["TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
+__all__ = ["CHOICES", "TrainConfig", "config_from_dict", "load_config", "save_config", "validate_config"]
 
 CONFIG_FILE = "config.json"
 
@@ -52,7 +57,7 @@ class TrainConfig:
     epochs: int = 50  # total epochs, both phases
     head_only_epochs: int = 15  # phase 1: these first epochs train the head only (>= epochs: trunk never trained)
     lr: float = 2e-4  # Adam learning rate of the head
-    trunk_lr_factor: float = 1.0  # phase 2: the trunk's learning rate is lr * trunk_lr_factor
+    trunk_lr_factor: float = 0.1  # phase 2: the trunk's learning rate is lr * trunk_lr_factor
     lr_schedule: str = "constant"  # "constant", or "cosine" (per epoch, from lr to 0 over all epochs)
     weight_decay: float = 1e-5  # Adam's L2 penalty
     accumulate: int = 1  # slides per optimizer step (batch size 1, gradients averaged); per process
@@ -146,20 +151,21 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
 
 def save_config(config: TrainConfig, folder: str | os.PathLike) -> Path:
     """Write ``config.json`` (the full resolved configuration) into ``folder`` atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CONFIG_FILE
-    tmp = folder / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    path = Path(folder) / CONFIG_FILE
+    with atomic_write(path) as f:
+        f.write(json.dumps(config.to_dict(), indent=2) + "\n")
     return path
 
 
 # ----------------------------------------------------------------------------- values
-_CHOICES = {
+#: The values a field may take, by path ("model.NAME" for ModelConfig fields): checked by
+#: validate_config, offered as the command line's choices.
+CHOICES: dict[str, tuple[str | None, ...]] = {
     "sampler": ("balanced", "shuffle"),
     "lr_schedule": ("constant", "cosine"),
     "amp": ("auto", "bf16", "off"),
+    "model.head": ("sb", "mb"),
+    "model.pool": ("max", "avg", None),
 }
 
 
@@ -195,9 +201,11 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     need(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0 slides, got {config.checkpoint_every}")
     need(config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
          f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
-    for name, choices in _CHOICES.items():
-        value = getattr(config, name)
-        need(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+    for path, choices in CHOICES.items():
+        value = config
+        for name in path.split("."):
+            value = getattr(value, name)
+        need(value in choices, f"{path} must be one of {list(choices)}, got {value!r}")
     m = config.model
     need(m.width >= 1, f"model.width must be >= 1, got {m.width}")
     need(m.tile_size >= 32, f"model.tile_size must be >= 32 pixels, got {m.tile_size}")

@@ -1,6 +1,7 @@
 """The whole pipeline in minutes on a laptop CPU: synthetic data -> training -> evaluation -> heatmaps.
 
-    python -m torch_impl demo [--out demo_run] [--data DIR]
+    python -m torch_impl demo [--out demo_run] [--data DIR] [--device DEV] [-q | -v]
+    python -m torch_impl make-demo-data DIR [--n-normal N ...]     (step 1 alone)
 
 1. ``make_demo_data``: 12 training and 8 test slides (2048 x 2048 px at 0.25 um/px) in the
    CAMELYON16 layout, unless ``--data`` already holds a data set.
@@ -10,6 +11,11 @@
    14 epochs, then the whole network for 6 epochs with a 10x smaller trunk learning rate.
 3. Evaluate ``best.pt`` on the held-out test slides (AUC, accuracy, ROC curve).
 4. Attention heatmaps of the test slides, with the lesion outlines where annotated.
+
+The run folder ``OUT/train`` holds what ``train`` writes, ``train.log`` included. At the end
+the demo prints its summary on stdout (:func:`format_summary`, :data:`SUMMARY_FORMAT`): the
+times of the steps, the test AUC and accuracy, the attention AUC of every annotated test
+slide and where the outputs are.
 
 Everything is seeded; re-running continues or reuses the previous run (``--resume``).
 The demo computes with one CPU thread: its tensors are so small that waking OpenMP worker
@@ -30,10 +36,11 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .logs import QUIET, run_log, verbosity, verbosity_options
 from ..slides import discover, make_demo_data
 from ..models.streaming_clam import ModelConfig
 
-__all__ = ["demo_config", "run_demo", "main_demo"]
+__all__ = ["SUMMARY_FORMAT", "demo_config", "format_summary", "run_demo", "main_demo", "main_make_demo_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,8 @@ def demo_config(data_dir: str | os.PathLike, out_dir: str | os.PathLike, device:
     return TrainConfig(
         data_dir=str(data_dir),
         out_dir=str(out_dir),
-        model=ModelConfig(width=16, hidden_dim=64, attention_dim=32, pool=None, tile_size=1024),
+        # a random trunk whose batch-norm affines learn (the real recipe freezes them on ImageNet weights)
+        model=ModelConfig(width=16, hidden_dim=64, attention_dim=32, pool=None, tile_size=1024, freeze_bn_affine=False),
         mpp=DEMO_MPP,
         epochs=20,
         head_only_epochs=14,
@@ -71,18 +79,26 @@ def _has_data(root: Path) -> bool:
 
 def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLike | None = None,
              device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Run the demo; returns {"auc", "accuracy", "train_dir", "eval_dir", "heatmaps", "seconds", ...}.
+    """Run the demo; returns the summary that :func:`format_summary` prints.
 
     Args:
         out_dir: receives ``data/`` (unless ``data_dir`` is given), ``train/`` (the run
-            folder), ``eval/`` (predictions, metrics, ROC) and ``heatmaps/``.
+            folder, with ``train.log``), ``eval/`` (predictions, metrics, ROC) and ``heatmaps/``.
         data_dir: an existing CAMELYON16-style data set, or where to write the synthetic one
             (default ``<out_dir>/data``; written only if it holds no slides yet).
         device: "auto", "cpu", "cuda", ...
         progress: tqdm progress bars (on a terminal).
+
+    Returns:
+        {"auc", "auc_ci95" ([low, high] or None), "accuracy", "n_test_slides", "n_tumor",
+        "data_dir", "train_dir", "checkpoint", "eval_dir", "heatmap_dir", "heatmaps" (PNG
+        paths), "attention_auc" ({slide id: AUC or None} of the annotated test slides),
+        "seconds", "seconds_per_step" ({"data", "train", "evaluate", "heatmaps"})}; AUCs and
+        accuracy are None where undefined, times are seconds rounded to 0.1.
     """
     from .evaluate import evaluate_run  # the evaluation and heatmap steps are separate modules
     from .heatmap import write_heatmap
+    from .predict import load_prediction
     from .train import train
 
     start = time.perf_counter()
@@ -100,62 +116,131 @@ def run_demo(out_dir: str | os.PathLike = "demo_run", data_dir: str | os.PathLik
 
         config = demo_config(data, out / "train", device=device, progress=progress)
         resume = (out / "train" / "last.pt").is_file()
-        train(config, resume=resume)
+        with run_log(out / "train" / "train.log"):
+            train(config, resume=resume)
         trained = time.perf_counter()
         checkpoint = out / "train" / "best.pt"
 
-        run_on = None if device == "auto" else device  # evaluate/heatmap: None = first GPU, else CPU
-        metrics = evaluate_run(checkpoint, data, out / "eval", mpp=config.mpp, device=run_on)
+        metrics = evaluate_run(checkpoint, data, out / "eval", mpp=config.mpp, device=device)
         evaluated = time.perf_counter()
 
         heatmaps = []
         for record in [r for r in discover(data) if r.split == "test"]:
-            saved = out / "eval" / "attention" / f"{record.slide_id}.npy"  # drawn without re-running the model
-            heatmaps.append(write_heatmap(checkpoint, record.path, out / "heatmaps",
-                                          annotation=record.annotation_path, mpp=config.mpp, device=run_on,
-                                          attention=saved if saved.is_file() else None))
+            saved = out / "eval" / "attention" / f"{record.slide_id}.npy"
+            if saved.is_file():  # evaluate saved every slide it did not skip: drawn without re-running the model
+                heatmaps.append(write_heatmap(load_prediction(saved), out / "heatmaps",
+                                              annotation=record.annotation_path))
         done = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
 
-    summary = {
+    return {
         "auc": metrics.get("auc"),
+        "auc_ci95": metrics.get("auc_ci95"),
         "accuracy": metrics.get("accuracy"),
         "n_test_slides": metrics.get("n_slides"),
+        "n_tumor": metrics.get("n_tumor"),
         "data_dir": str(data),
         "train_dir": str(out / "train"),
         "checkpoint": str(checkpoint),
         "eval_dir": str(out / "eval"),
+        "heatmap_dir": str(out / "heatmaps"),
         "heatmaps": [h["png"] for h in heatmaps],
         "attention_auc": {h["slide_id"]: h.get("attention_auc") for h in heatmaps if "attention_auc" in h},
         "seconds": round(done - start, 1),
         "seconds_per_step": {"data": round(made - start, 1), "train": round(trained - made, 1),
                              "evaluate": round(evaluated - trained, 1), "heatmaps": round(done - evaluated, 1)},
     }
-    auc = "undefined" if summary["auc"] is None else f"{summary['auc']:.3f}"
-    acc = "undefined" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
-    logger.info("demo finished in %.0f s (data %.0f s, training %.0f s, evaluation %.0f s, heatmaps %.0f s)",
-                summary["seconds"], *summary["seconds_per_step"].values())
-    logger.info("test AUC %s, accuracy %s on %s slides", auc, acc, summary["n_test_slides"])
-    logger.info("run folder (config, metrics.csv, checkpoints): %s", summary["train_dir"])
-    logger.info("evaluation (predictions.csv, metrics.json, roc.png): %s", summary["eval_dir"])
-    logger.info("heatmaps: %s", out / "heatmaps")
-    return summary
 
 
-def main_demo(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m torch_impl demo [--out DIR] [--data DIR] [--device DEV] [--quiet]``."""
+#: The demo's summary, one template per line (``str.format`` fields from :func:`format_summary`).
+#: The README shows a real instance; tests/test_cli.py checks that it still has this form.
+SUMMARY_FORMAT = (
+    "demo finished in {seconds:.0f} s (data {data:.0f} s, training {train:.0f} s, evaluation {evaluate:.0f} s, "
+    "heatmaps {heatmaps:.0f} s)",
+    "test AUC {auc} (95% CI {ci}), accuracy {accuracy} on {n_test_slides} slides ({n_tumor} tumour)",
+    "attention AUC, lesion vs other tissue: {attention}",
+    "run folder: {train_dir} (config.json, splits.csv, metrics.csv, train.log, last.pt, best.pt)",
+    "evaluation: {eval_dir} (predictions.csv, metrics.json, roc.png, attention/)",
+    "heatmaps: {heatmap_dir} (<slide>_heatmap.png, <slide>_attention.tif)",
+)
+
+
+def _number(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary of :func:`run_demo` as the lines of :data:`SUMMARY_FORMAT` (no final newline).
+
+    Numbers have three decimals ("undefined" where an AUC is); the attention line lists
+    "slide_id AUC" for every annotated test slide, in slide order ("none" if there is none).
+    """
+    ci = summary.get("auc_ci95")
+    attention = ", ".join(f"{slide} {_number(auc)}" for slide, auc in sorted(summary["attention_auc"].items()))
+    fields = {
+        **summary["seconds_per_step"],
+        "seconds": summary["seconds"],
+        "auc": _number(summary["auc"]),
+        "ci": "undefined" if not ci else f"{_number(ci[0])}-{_number(ci[1])}",
+        "accuracy": _number(summary["accuracy"]),
+        "n_test_slides": summary["n_test_slides"],
+        "n_tumor": summary["n_tumor"],
+        "attention": attention or "none",
+        "train_dir": summary["train_dir"],
+        "eval_dir": summary["eval_dir"],
+        "heatmap_dir": summary["heatmap_dir"],
+    }
+    return "\n".join(line.format(**fields) for line in SUMMARY_FORMAT)
+
+
+def main_demo(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """CLI: ``python -m torch_impl demo [--out DIR] [--data DIR] [--device DEV] [-q | -v]``.
+
+    Prints the summary (:func:`format_summary`) on stdout; returns 0.
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m torch_impl demo",
+        prog=prog or "python -m torch_impl demo",
         description="Synthetic data -> StreamingCLAM training -> test evaluation -> attention heatmaps, "
-                    "in a few minutes on a CPU.",
+                    "in a few minutes on a CPU; prints a summary at the end.",
+        parents=[verbosity_options()],
     )
-    parser.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
-    parser.add_argument("--data", default=None, help="data set folder (default: OUT/data, synthesised if empty)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default="demo_run", metavar="DIR", help="output folder (default: demo_run)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="data set folder (default: OUT/data, where the synthetic slides are written if missing)")
+    parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: auto)")
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_demo(args.out, args.data, device=args.device, progress=not args.quiet)
+    quiet = args.quiet or verbosity() == QUIET
+    summary = run_demo(args.out, args.data, device=args.device, progress=not quiet)
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+def main_make_demo_data(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """CLI: ``python -m torch_impl make-demo-data DIR [options]`` (:func:`make_demo_data`). Returns 0."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m torch_impl make-demo-data",
+        description="Write a small synthetic CAMELYON16 (pyramidal TIFFs, ASAP XML, "
+                    "reference CSV) for demos and tests.",
+        parents=[verbosity_options()],
+    )
+    parser.add_argument("root", type=Path, help="output directory (CAMELYON16 layout)")
+    parser.add_argument("--n-normal", type=int, default=6, metavar="N", help="training normal slides (default: 6)")
+    parser.add_argument("--n-tumor", type=int, default=6, metavar="N", help="training tumour slides (default: 6)")
+    parser.add_argument("--n-test-normal", type=int, default=4, metavar="N", help="test normal slides (default: 4)")
+    parser.add_argument("--n-test-tumor", type=int, default=4, metavar="N", help="test tumour slides (default: 4)")
+    parser.add_argument("--size", type=int, nargs="+", default=[2048, 2048], metavar="PX",
+                        help="level-0 size: H [W] in pixels, multiples of 256 (default: 2048 2048)")
+    parser.add_argument("--mpp", type=float, default=0.25, metavar="X",
+                        help="level-0 micrometres per pixel (default: 0.25)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seeds every slide and the test labels (default: 0)")
+    args = parser.parse_args(argv)
+    if len(args.size) not in (1, 2):
+        parser.error("--size takes H or H W")
+    make_demo_data(
+        args.root, n_normal=args.n_normal, n_tumor=args.n_tumor,
+        n_test_normal=args.n_test_normal, n_test_tumor=args.n_test_tumor,
+        size=(args.size[0], args.size[-1]), seed=args.seed, mpp=args.mpp,
+    )
     return 0

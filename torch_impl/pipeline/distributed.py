@@ -39,11 +39,12 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .runtime import resolve_device
+
 __all__ = [
     "DistInfo",
     "init_distributed",
     "shutdown_distributed",
-    "resolve_device",
     "shard",
     "reduce_gradients",
     "all_reduce_sum",
@@ -86,24 +87,12 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: ``cuda:local_rank`` if CUDA is available, else the CPU; ``"cuda"``: ``cuda:local_rank``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tuple[DistInfo, torch.device]:
     """Read ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` (set by ``torchrun``), join the process group.
+
+    ``device`` goes through :func:`torch_impl.pipeline.runtime.resolve_device` with this
+    process's local rank (``"auto"``/``"cuda"``: ``cuda:LOCAL_RANK``), which becomes the
+    current CUDA device.
 
     Without those variables (or ``WORLD_SIZE=1``) nothing is initialised: a single process.
     The backend is NCCL on CUDA and Gloo on the CPU; ``MASTER_ADDR``/``MASTER_PORT`` come from
@@ -118,6 +107,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad distributed environment: RANK={rank}, WORLD_SIZE={world_size}")
     dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL and unplaced tensors use this process's GPU
     info = DistInfo(rank, world_size, local_rank)
     if world_size == 1:
         return info, dev

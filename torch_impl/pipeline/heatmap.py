@@ -1,9 +1,14 @@
 """Attention heatmaps: the head's attention placed back on the slide.
 
-    slide --predict_slide (or a saved attention/<id>.npy + .json)--> attention (h', w')
+    SlidePrediction (torch_impl.pipeline.predict: predict_file, or load_prediction of a
+    saved attention/<id>.npy + .json) --> attention (h', w') on the cell grid
         --cell -> working pixels -> thumbnail pixels--> <id>_heatmap.png
         --cell -> working pixels / f, tile by tile--> <id>_attention.tif (pyramidal)
+        --contours of the most attended cells -> level-0 pixels--> <id>_attention.geojson
         --lesion polygons on the cell grid--> attention AUC, lesion vs other tissue
+
+Drawing needs a prediction and the slide file, never the model: running the model is
+:mod:`torch_impl.pipeline.predict`'s job (the ``heatmap`` command does both).
 
 Where a cell lies. The head's grid is the trunk's feature grid (stride S = 32 working
 pixels), pooled by the head's pool size P if it pools; one cell is ``c = S P`` working
@@ -34,6 +39,24 @@ lesions grow by up to one sub-pixel: a cell's lesion fraction is over-estimated 
 most ~1/k per lesion border crossing it (<= 0.1 measured against the synthetic slides'
 painted lesion masks at k = 16). The attention AUC is the ROC AUC of the attention value separating the
 two (0.5 = no better than chance); undefined (None) when either set is empty.
+
+The GeoJSON (:func:`attention_geojson`) outlines, for each fraction q of
+:data:`TOP_FRACTIONS` (10% and 1%), the *top-q cells*: the ceil(q n) most attended of the
+slide's n tissue cells (attention > 0), cells tied with the last of them included. Their
+outline is traced by marching squares (``contourpy``) on the 0/1 grid of those cells, with
+the grid's values at the cell centres and the contour at 1/2: it runs along cell edges,
+through the midpoints of the edges between a top cell and another, and so cuts each convex
+corner of a region (and fills each concave one) by a right triangle of half a cell side;
+every cell centre lies inside the outline exactly when the cell is a top cell (the last
+row and column of cells are clipped to the crop like everywhere here, and their centres
+are those of the clipped cells). Where two top cells touch only at a corner, the outline
+may join or separate them; their centres are unaffected. The coordinates are level-0
+pixels (x, y) of the slide: working pixels times mpp / mpp_level0 on each axis (the
+inverse of how lesion annotations are placed above). It is a FeatureCollection with one
+Polygon feature per connected region (exterior ring counter-clockwise, holes clockwise, in
+(x, y) as written, RFC 7946), each with ``properties`` ``{"objectType": "annotation",
+"name", "classification": {"name": "attention top 10%", "color": [r, g, b]}}``: QuPath's
+File > Import objects reads it as annotations of that class.
 """
 
 from __future__ import annotations
@@ -49,23 +72,27 @@ from typing import Any
 
 import numpy as np
 import tifffile
-import torch
+from contourpy import FillType, contour_generator
 
-from .checkpoint import load_model
 from ..slides import Slide, rasterize_polygons, read_lesions
-from .evaluate import SlidePrediction, predict_slide, read_train_config, resolve_device, save_attention
-from ..slides.inputs import open_slide_input
+from .checkpoint import load_model, trained_mpp
 from .metrics import roc_auc
-from ..models.streaming_clam import StreamingCLAM
 from .plots import overlay_attention
+from .predict import SlidePrediction, load_prediction, predict_file, save_prediction
+from .runtime import AMP_CHOICES, atomic_write, resolve_device
 
 __all__ = [
+    "TOP_FRACTIONS",
     "attention_auc",
+    "attention_geojson",
     "attention_to_uint8",
     "cell_index",
     "lesion_fraction",
     "main_heatmap",
+    "region_polygons",
     "sample_attention",
+    "top_attention_cells",
+    "write_attention_geojson",
     "write_attention_tiff",
     "write_heatmap",
 ]
@@ -77,6 +104,9 @@ MAX_TIFF_DOWNSAMPLE = 8  # default working pixels per TIFF pixel at the base lev
 LESION_FRACTION = 0.5  # a tissue cell is a lesion cell when at least this much of it is lesion
 SUBPIXELS = 16  # lesion raster: sub-pixels per cell side (fewer for large grids)
 _MAX_SUBGRID = 4096  # longest side of the lesion raster grid
+#: Fractions of the tissue cells whose most attended ones the GeoJSON outlines.
+TOP_FRACTIONS = (0.10, 0.01)
+_CONTOUR_COLORS = [(255, 0, 0), (255, 140, 0), (255, 215, 0), (0, 160, 255)]  # smallest fraction first
 
 
 # ---------------------------------------------------------------------- cells and pixels
@@ -279,7 +309,7 @@ def write_attention_tiff(
             "values": "0 = no tissue/outside crop; 1..255 = min..max attention"}
     meta.update(description or {})
     shapes = [(math.ceil(H / d), math.ceil(W / d)) for d in factors]
-    with tifffile.TiffWriter(path, bigtiff=H * W // (f * f) > 2**31) as tif:
+    with atomic_write(path, "wb") as fh, tifffile.TiffWriter(fh, bigtiff=H * W // (f * f) > 2**31) as tif:
         for level, (d, shape) in enumerate(zip(factors, shapes)):
             px_per_cm = 1e4 / (mpp * d)
             tif.write(
@@ -298,20 +328,146 @@ def write_attention_tiff(
     return shapes
 
 
-# ---------------------------------------------------------------------- the command
-def _load_saved(attention: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """A saved (h', w') attention and its placement JSON (``evaluate.save_attention``)."""
-    npy = Path(attention)
-    meta_path = npy.with_suffix(".json")
-    if not npy.is_file():
-        raise FileNotFoundError(f"attention file not found: {npy}")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{npy} has no placement file {meta_path} (written by evaluate "
-                                f"beside it); without it the map cannot be placed on the slide")
-    meta = json.loads(meta_path.read_text())
-    return np.load(npy), meta
+# ---------------------------------------------------------------------- the GeoJSON
+def top_attention_cells(attention: np.ndarray, fraction: float) -> tuple[np.ndarray, float]:
+    """The top-``fraction`` cells (module docstring) and the attention threshold they reach.
+
+    Args:
+        attention: (h', w') cell grid; cells with attention > 0 are tissue.
+        fraction: in (0, 1].
+
+    Returns:
+        (h', w') bool mask of the tissue cells with attention >= t, and t, the attention of
+        the ceil(fraction n)-th most attended of the n tissue cells; an all-False mask and
+        NaN without tissue.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    a = np.asarray(attention, dtype=np.float64)
+    tissue = a > 0
+    values = np.sort(a[tissue])[::-1]  # (n,) decreasing
+    if values.size == 0:
+        return np.zeros(a.shape, dtype=bool), math.nan
+    threshold = float(values[max(1, math.ceil(fraction * values.size)) - 1])
+    return tissue & (a >= threshold), threshold
 
 
+def _drop_straight_vertices(ring: np.ndarray) -> np.ndarray:
+    """A closed ring (first point repeated last) without the vertices inside horizontal or
+    vertical runs.
+
+    Diagonal runs (staircases of cut corners) keep every vertex: each of their segments
+    stays inside one half-cell square, where the map to working pixels (affine on each
+    half-cell, :func:`_cells_to_working`) keeps it straight; a merged diagonal would cross
+    the clipped last cell's kink. Exact on marching-squares vertices (multiples of 1/2).
+    """
+    pts = ring[:-1]  # (n, 2) open
+    before, after = pts - np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0) - pts
+    straight = ((before[:, 0] == 0) & (after[:, 0] == 0)) | ((before[:, 1] == 0) & (after[:, 1] == 0))
+    kept = pts[~straight]
+    return np.vstack([kept, kept[:1]])
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    """Shoelace area of a closed ring: > 0 when counter-clockwise with y pointing up."""
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
+
+
+def region_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
+    """Outlines of the True cells of an (h', w') grid, in cell units (module docstring).
+
+    Cell (i, j) is the square [j, j+1) x [i, i+1) in (x, y); its centre (j + 1/2, i + 1/2).
+
+    Returns:
+        one polygon per connected region: [exterior, *holes], each ring an (n, 2) float
+        array of (x, y) vertices, closed (first point repeated last), multiples of 1/2,
+        exterior counter-clockwise and holes clockwise (y up).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be a 2-D cell grid, got shape {mask.shape}")
+    if not mask.any():
+        return []
+    h, w = mask.shape
+    z = np.pad(mask.astype(np.float64), 1)  # a ring of zeros: every outline closes
+    xs, ys = np.arange(-1, w + 1) + 0.5, np.arange(-1, h + 1) + 0.5  # cell centres
+    points, offsets = contour_generator(xs, ys, z, name="serial", fill_type=FillType.OuterOffset).filled(0.5, 1.5)
+    polygons = []
+    for pts, offs in zip(points, offsets):
+        rings = [_drop_straight_vertices(pts[a:b]) for a, b in zip(offs[:-1], offs[1:])]
+        rings = [r if (_signed_area(r) > 0) == (k == 0) else r[::-1] for k, r in enumerate(rings)]
+        polygons.append(rings)
+    return polygons
+
+
+def _cells_to_working(u: np.ndarray, start: float, length: float, cell_size: float, n_cells: int) -> np.ndarray:
+    """Cell units -> working pixels along one axis, with the last cell clipped to the crop.
+
+    Integer k (a cell edge) -> start + min(k c, length); k + 1/2 (a cell centre) -> the
+    middle of the clipped cell k; linear in between.
+    """
+    edges = np.minimum(np.arange(n_cells + 1) * float(cell_size), float(length))  # (n + 1,)
+    nodes = np.empty(2 * n_cells + 1)
+    nodes[0::2] = edges
+    nodes[1::2] = (edges[:-1] + edges[1:]) / 2
+    return start + np.interp(u, np.arange(2 * n_cells + 1) / 2, nodes)
+
+
+def attention_geojson(
+    prediction: SlidePrediction,
+    level0_per_working: tuple[float, float],
+    top_fractions: Sequence[float] = TOP_FRACTIONS,
+) -> dict[str, Any]:
+    """GeoJSON FeatureCollection of the outlines of the top-q cells, q in ``top_fractions``
+    (module docstring), in level-0 pixels.
+
+    Args:
+        prediction: attention, box and cell_size.
+        level0_per_working: (fy, fx) level-0 pixels per working pixel (mpp / mpp_level0).
+        top_fractions: each in (0, 1].
+    """
+    att = np.asarray(prediction.attention)
+    y0, x0, h, w = prediction.box
+    fy, fx = level0_per_working
+    c = prediction.cell_size
+    colors = {q: _CONTOUR_COLORS[min(k, len(_CONTOUR_COLORS) - 1)] for k, q in enumerate(sorted(set(top_fractions)))}
+    features = []
+    for q in top_fractions:
+        cells, threshold = top_attention_cells(att, q)
+        name = f"attention top {100 * q:g}%"
+        for rings in region_polygons(cells):
+            coordinates = [
+                np.column_stack([_cells_to_working(r[:, 0], x0, w, c, att.shape[1]) * fx,
+                                 _cells_to_working(r[:, 1], y0, h, c, att.shape[0]) * fy]).tolist()
+                for r in rings
+            ]
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": coordinates},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"{name} (attention >= {threshold:.4g})",
+                    "classification": {"name": name, "color": list(colors[q])},
+                },
+            })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_attention_geojson(
+    path: str | os.PathLike,
+    prediction: SlidePrediction,
+    level0_per_working: tuple[float, float],
+    top_fractions: Sequence[float] = TOP_FRACTIONS,
+) -> int:
+    """Write :func:`attention_geojson` to ``path`` (atomically); returns the number of features."""
+    collection = attention_geojson(prediction, level0_per_working, top_fractions)
+    with atomic_write(path) as f:
+        json.dump(collection, f)
+    return len(collection["features"])
+
+
+# ---------------------------------------------------------------------- the drawing
 def _check_grid(attention: np.ndarray, box: Sequence[int], cell_size: float) -> None:
     """The grid must cover the crop exactly: (n - 1) c < crop side <= n c on both axes."""
     for n, side, name in zip(attention.shape, box[2:], ("rows", "columns")):
@@ -321,86 +477,50 @@ def _check_grid(attention: np.ndarray, box: Sequence[int], cell_size: float) -> 
 
 
 def write_heatmap(
-    checkpoint_or_model: str | os.PathLike | StreamingCLAM | None,
-    slide_path: str | os.PathLike,
+    prediction: SlidePrediction,
     out_dir: str | os.PathLike,
     annotation: str | os.PathLike | None = None,
-    mpp: float | None = None,
-    device: str | torch.device | None = None,
-    attention: str | os.PathLike | None = None,
+    slide_path: str | os.PathLike | None = None,
     thumbnail_size: int = 1024,
     tiff_downsample: int | None = None,
-    amp: bool | None = None,
+    top_fractions: Sequence[float] = TOP_FRACTIONS,
 ) -> dict[str, Any]:
-    """Draw a slide's attention: ``<id>_heatmap.png`` and ``<id>_attention.tif`` in ``out_dir``.
+    """Draw a slide's attention into ``out_dir``: ``<id>_heatmap.png``, ``<id>_attention.tif``
+    and ``<id>_attention.geojson`` (id = ``prediction.slide_id``).
 
     Args:
-        checkpoint_or_model: a checkpoint file (``load_model``; its ``train_config["mpp"]``
-            is the default mpp) or a StreamingCLAM (then ``mpp`` is required; the model
-            is used where it is). Unused (may be None) when ``attention`` is given.
-        slide_path: the slide file. Its id is the file's lower-case stem.
+        prediction: from :func:`torch_impl.pipeline.predict.predict_file` (or
+            ``predict_slide``), or :func:`~torch_impl.pipeline.predict.load_prediction` of
+            a saved ``attention/<id>.npy``.
         out_dir: created if needed.
         annotation: ASAP XML lesion annotation: adds the attention AUC of lesion vs other
             tissue cells (module docstring) to the result and the PNG title, and outlines
             the lesions on the PNG.
-        mpp: working resolution in um/px.
-        device: where to run a checkpoint's model; default the first GPU, else the CPU.
-        attention: a saved ``attention/<id>.npy`` from ``evaluate_run``; its ``.json``
-            beside it gives the placement, mpp and P(tumour), and no model is run.
+        slide_path: the slide file, when it is no longer where ``prediction.slide_path``
+            says; its lower-case stem must be the prediction's slide id.
         thumbnail_size: longest side of the PNG's thumbnail, pixels.
         tiff_downsample: working pixels per base-level TIFF pixel (see
             :func:`write_attention_tiff`).
-        amp: bfloat16 autocast of the trunk; default on CUDA only.
-
-    Also writes ``attention/<id>.npy`` + ``.json`` in ``out_dir`` when it runs the model,
-    so the map can be redrawn without it.
+        top_fractions: the GeoJSON's levels (:func:`attention_geojson`).
 
     Returns:
-        dict with slide_id, prob_tumor, png, tiff, tiff_levels (shapes), tiff_mpp,
-        tiff_downsample, box, cell_size, mpp, and with an annotation attention_auc,
-        n_lesion_cells, n_tissue_cells.
+        dict with slide_id, prob_tumor, png, tiff, geojson, geojson_features, tiff_levels
+        (shapes), tiff_mpp, tiff_downsample, box, cell_size, mpp, and with an annotation
+        attention_auc, n_lesion_cells, n_tissue_cells.
     """
-    slide_path, out_dir = Path(slide_path), Path(out_dir)
-    slide_id = slide_path.stem.lower()
-    if attention is not None:
-        att, meta = _load_saved(attention)
-        if mpp is not None and not math.isclose(float(mpp), float(meta["mpp"]), rel_tol=0.1):
-            raise ValueError(f"mpp {mpp} differs from the {meta['mpp']} um/px the attention was computed at")
-        if meta.get("slide_id", slide_id) != slide_id:
-            raise ValueError(f"{attention} is the attention of {meta['slide_id']}, not of {slide_path}")
-        box, cell_size, prob = tuple(meta["box"]), meta["cell_size"], meta.get("prob_tumor")
-        pred: SlidePrediction | None = None
-        slide = Slide(slide_path, mpp=float(meta["mpp"]))
+    if slide_path is None:
+        slide_path = Path(prediction.slide_path)
     else:
-        if isinstance(checkpoint_or_model, StreamingCLAM):
-            if mpp is None:
-                raise ValueError("pass mpp with a model (a checkpoint records its own)")
-            model, dev = checkpoint_or_model, device
-        elif checkpoint_or_model is not None:
-            if mpp is None:
-                mpp = read_train_config(checkpoint_or_model).get("mpp")
-                if mpp is None:
-                    raise ValueError(f"{checkpoint_or_model}: train_config has no 'mpp'; pass mpp")
-            dev = resolve_device(device)
-            model, _ = load_model(checkpoint_or_model, device=dev)
-        else:
-            raise ValueError("give a checkpoint, a model, or a saved attention file")
-        slide_input = open_slide_input(slide_path, mpp=float(mpp), rng=None)
-        try:
-            run_on = torch.device(dev) if dev is not None else next(model.parameters()).device
-            use_amp = run_on.type == "cuda" if amp is None else amp
-            pred = predict_slide(model, slide_input, run_on, use_amp, slide_id=slide_id)
-        except BaseException:
-            slide_input.close()
-            raise
-        slide = slide_input.slide
-        att, box, cell_size, prob = pred.attention, pred.box, pred.cell_size, pred.prob_tumor
-
+        slide_path = Path(slide_path)
+        if slide_path.stem.lower() != prediction.slide_id.lower():
+            raise ValueError(f"this is the prediction of {prediction.slide_id}, not of {slide_path}")
+    out_dir = Path(out_dir)
+    slide_id, prob = prediction.slide_id, prediction.prob_tumor
+    att, box, cell_size = np.asarray(prediction.attention), tuple(prediction.box), prediction.cell_size
+    _check_grid(att, box, cell_size)
+    slide = Slide(slide_path, mpp=prediction.mpp)
     try:
-        _check_grid(att, box, cell_size)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if pred is not None:
-            save_attention(pred, out_dir / "attention", slide_path=str(slide_path))
         _, H, W = slide.shape
         thumb = slide.thumbnail(min(thumbnail_size, max(H, W)))  # (h_t, w_t, 3), never upsampled
         scale = (H / thumb.shape[0], W / thumb.shape[1])  # working px per thumbnail px
@@ -409,7 +529,7 @@ def write_heatmap(
 
         result: dict[str, Any] = {"slide_id": slide_id, "prob_tumor": prob, "box": list(box),
                                   "cell_size": cell_size, "mpp": float(slide.mpp)}
-        title = slide_id + ("" if prob is None else f"   P(tumour) = {prob:.3f}")
+        title = f"{slide_id}   P(tumour) = {prob:.3f}"
         outlines: list[np.ndarray] = []
         if annotation is not None:
             lesions, holes = read_lesions(annotation)
@@ -433,23 +553,28 @@ def write_heatmap(
         f = auto_tiff_downsample((H, W)) if tiff_downsample is None else int(tiff_downsample)
         levels = write_attention_tiff(tiff, att, box, cell_size, (H, W), float(slide.mpp), f,
                                       description={"slide": str(slide_path), "slide_id": slide_id})
+
+        geojson = out_dir / f"{slide_id}_attention.geojson"
+        n_features = write_attention_geojson(geojson, prediction, (1 / level0_to_working[0], 1 / level0_to_working[1]),
+                                             top_fractions)
     finally:
         slide.close()
-    result.update(png=str(png), tiff=str(tiff), tiff_levels=[list(s) for s in levels],
-                  tiff_mpp=float(slide.mpp) * f, tiff_downsample=f)
-    logger.info("%s: wrote %s and %s (%d levels, base %g um/px)%s", slide_id, png, tiff, len(levels),
-                result["tiff_mpp"], "" if annotation is None else
+    result.update(png=str(png), tiff=str(tiff), geojson=str(geojson), geojson_features=n_features,
+                  tiff_levels=[list(s) for s in levels], tiff_mpp=float(slide.mpp) * f, tiff_downsample=f)
+    logger.info("%s: wrote %s, %s (%d levels, base %g um/px) and %s (%d regions)%s", slide_id, png, tiff,
+                len(levels), result["tiff_mpp"], geojson, n_features, "" if annotation is None else
                 f"; attention AUC {result['attention_auc']}")
     return result
 
 
-def main_heatmap(argv: Sequence[str] | None = None) -> int:
+def main_heatmap(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """CLI: ``python -m torch_impl heatmap --slide FILE --checkpoint FILE --out DIR``. Returns 0."""
     parser = argparse.ArgumentParser(
-        prog="python -m torch_impl heatmap",
-        description="Attention heatmap of one slide: <id>_heatmap.png (thumbnail overlay) and "
-                    "<id>_attention.tif (pyramidal TIFF at slide scale); with --annotation, the "
-                    "attention's AUC separating lesion from other tissue.",
+        prog=prog or "python -m torch_impl heatmap",
+        description="Attention heatmap of one slide: <id>_heatmap.png (thumbnail overlay), "
+                    "<id>_attention.tif (pyramidal TIFF at slide scale) and <id>_attention.geojson "
+                    "(contours of the most attended cells, QuPath annotations); with --annotation, "
+                    "the attention's AUC separating lesion from other tissue.",
     )
     parser.add_argument("--slide", type=Path, required=True, help="slide file")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -458,20 +583,26 @@ def main_heatmap(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--annotation", type=Path, default=None, help="ASAP XML lesion annotation")
     parser.add_argument("--mpp", type=float, default=None,
                         help="working resolution in um/px (default: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--attention", type=Path, default=None,
-                        help="saved attention/<id>.npy from evaluate (skips the model)")
+                        help="saved attention/<id>.npy from evaluate or predict (skips the model)")
     parser.add_argument("--thumbnail-size", type=int, default=1024, help="PNG thumbnail's longest side")
     parser.add_argument("--tiff-downsample", type=int, default=None,
                         help="working pixels per base TIFF pixel (default 8, less for small slides)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 autocast (default: on for CUDA)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast (auto: on CUDA only)")
     args = parser.parse_args(argv)
     if args.checkpoint is None and args.attention is None:
         parser.error("give --checkpoint, or --attention with a saved attention map")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_heatmap(args.checkpoint, args.slide, args.out, annotation=args.annotation, mpp=args.mpp,
-                  device=args.device, attention=args.attention, thumbnail_size=args.thumbnail_size,
-                  tiff_downsample=args.tiff_downsample, amp=args.amp)
+    if args.attention is not None:
+        prediction = load_prediction(args.attention)
+        if args.mpp is not None and not math.isclose(args.mpp, prediction.mpp, rel_tol=0.1):
+            raise ValueError(f"--mpp {args.mpp} differs from the {prediction.mpp} um/px the attention was "
+                             f"computed at")
+    else:
+        device = resolve_device(args.device)
+        model, _ = load_model(args.checkpoint, device=device)
+        prediction = predict_file(model, args.slide, trained_mpp(args.checkpoint, args.mpp), device, args.amp)
+        save_prediction(prediction, args.out / "attention")  # to redraw without the model
+    write_heatmap(prediction, args.out, annotation=args.annotation, slide_path=args.slide,
+                  thumbnail_size=args.thumbnail_size, tiff_downsample=args.tiff_downsample)
     return 0

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import bootstrap, mannwhitneyu, rankdata
 
-__all__ = ["roc_auc", "roc_auc_pairs", "accuracy", "binary_labels_and_scores"]
+__all__ = ["roc_auc", "roc_auc_pairs", "accuracy", "binary_labels_and_scores", "bootstrap_auc_ci"]
 
 
 def binary_labels_and_scores(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +66,55 @@ def accuracy(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nd
     if y.size == 0:
         return float("nan")
     return float(((s >= threshold).astype(np.int64) == y).mean())
+
+
+def _auc_of_samples(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUC of positives' against negatives' scores along ``axis`` (vectorised over the rest):
+    the Mann-Whitney U of the positives, ties counting one half, over n_pos n_neg."""
+    u = mannwhitneyu(pos, neg, axis=axis, method="asymptotic").statistic  # p-value unused
+    return u / (pos.shape[axis] * neg.shape[axis])
+
+
+def bootstrap_auc_ci(
+    labels: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Stratified percentile-bootstrap confidence interval of the AUC, by ``scipy.stats.bootstrap``.
+
+    The positives' and the negatives' scores go to scipy as two samples with
+    ``paired=False``, so each resample draws n_pos positives from the positives and n_neg
+    negatives from the negatives, with replacement: a *stratified* bootstrap, whose every
+    resample holds both classes (none is dropped). The interval is the ((1-c)/2, (1+c)/2)
+    quantiles (linear interpolation) of the ``n_resamples`` AUCs (``method='percentile'``).
+
+    The generator is ``np.random.default_rng(seed)``, and scipy draws the positives'
+    indices (n_resamples, n_pos) and then the negatives' (n_resamples, n_neg) from it: the
+    draws of the hand-written loop ``rng.choice(pos, (B, n_pos))``, ``rng.choice(neg, (B,
+    n_neg))``, so the two give the same interval for the same seed (tests/test_metrics.py),
+    and independent seeds agree to Monte Carlo error. Memory O(n_resamples (n_pos + n_neg)).
+
+    Raises:
+        ValueError: bad labels or scores, ``n_resamples < 1``, ``confidence`` outside (0, 1),
+            or a class with fewer than two slides (one slide cannot be resampled into any
+            variability: the interval would understate the uncertainty).
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    y, s = binary_labels_and_scores(labels, scores)
+    pos, neg = s[y == 1], s[y == 0]
+    if min(pos.size, neg.size) < 2:
+        raise ValueError(
+            f"the AUC bootstrap needs at least two slides of each class, got {pos.size} positive "
+            f"and {neg.size} negative"
+        )
+    result = bootstrap(
+        (pos, neg), _auc_of_samples, paired=False, vectorized=True, n_resamples=n_resamples,
+        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    return float(low), float(high)

@@ -54,7 +54,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..slides.augment import AugmentedView, draw_augmentation
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, load_config, save_config, validate_config
+from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, save_config, validate_config
 from ..slides import NoTissueError, SlideError, SlideRecord, discover, make_splits
 from .distributed import (
     DistInfo,
@@ -66,16 +66,20 @@ from .distributed import (
     reduce_gradients,
     shard,
 )
-from ..slides.inputs import SlideInput, open_slide_input
+from ..slides.inputs import SlideInput
+from .logs import QUIET, run_log, verbosity, verbosity_options
 from .metrics import accuracy, roc_auc
 from ..models.streaming_clam import StreamingCLAM, build_model
+from .options import add_dataclass_options, apply_options, field_paths, given_options
 from ..streaming import to_model_input
+from .predict import feature_mask, open_slide, predict_slides
+from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype
+from .runtime import autocast as _autocast
 
 __all__ = [
     "TrainingError",
     "BadSlideError",
     "NonFiniteLossError",
-    "TrainingStopped",
     "epoch_order",
     "train",
     "main_train",
@@ -95,20 +99,15 @@ _RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "skip_
 _ORDER_STREAM, _SLIDE_STREAM = 1, 2
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (the message says why and what to do)."""
-
-
-class BadSlideError(TrainingError):
-    """A slide is missing, unreadable or holds no tissue (skippable with ``skip_bad_slides``)."""
+#: Training cannot go on (the message says why and what to do): the pipeline's base error
+#: under its training name. :class:`~torch_impl.pipeline.runtime.BadSlideError`, the one
+#: error of an unusable slide everywhere (skippable with ``skip_bad_slides``), is one, so
+#: ``except TrainingError`` also catches it.
+TrainingError = PipelineError
 
 
 class NonFiniteLossError(TrainingError):
     """A slide gave a NaN or infinite loss or gradient; the run stops, the last checkpoint stays."""
-
-
-class TrainingStopped(TrainingError):
-    """Raised on purpose after ``stop_after_slides`` slides (to test and debug resuming)."""
 
 
 # ----------------------------------------------------------------------------- run state
@@ -178,23 +177,17 @@ def learning_rate_factor(config: TrainConfig, epoch: int) -> float:
 
 # ----------------------------------------------------------------------------- one slide
 def _open(record: SlideRecord, config: TrainConfig, rng: np.random.Generator | None) -> SlideInput:
-    try:
-        return open_slide_input(record.path, mpp=config.mpp, max_size=config.max_size, rng=rng)
-    except (FileNotFoundError, SlideError, NoTissueError) as e:
-        raise BadSlideError(f"slide {record.slide_id} ({record.path}): {e}") from e
+    """The slide's crop (random with ``rng``, else the whole tissue); BadSlideError if unusable."""
+    return open_slide(record.path, config.mpp, record.slide_id, max_size=config.max_size, rng=rng)
 
 
 def _feature_mask(model: StreamingCLAM, view: AugmentedView, slide: SlideInput, record: SlideRecord) -> torch.Tensor:
-    """(1, h', w') tissue mask on the trunk's output grid for the (augmented) view."""
-    feature_hw = model.trunk.plan(view.shape[1:]).output_size
-    mask = view.feature_mask(slide, feature_hw, model.trunk.geometry[0].stride)
+    """(1, h', w') tissue mask on the trunk's output grid for the (augmented) view
+    (:func:`torch_impl.pipeline.predict.feature_mask`, the grid inference uses)."""
+    mask = feature_mask(model, slide, view)
     if not mask.any():
         raise BadSlideError(f"slide {record.slide_id} ({record.path}): no tissue on the feature grid of its crop")
     return mask
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
 
 def _train_slide(model: StreamingCLAM, params: list[torch.nn.Parameter], record: SlideRecord, config: TrainConfig,
@@ -332,42 +325,28 @@ def validate(model: StreamingCLAM, records: Sequence[SlideRecord], config: Train
              amp_dtype: torch.dtype | None, info: DistInfo | None = None, progress: bool = False) -> dict[str, Any]:
     """Loss (bag cross-entropy), AUC and accuracy on whole slides (no crop, no augmentation).
 
-    Processes share the slides (rank r: r, r + N, ...) and gather the results. Returns
-    {"val_loss", "val_auc", "val_accuracy", "val_slides", "val_skipped"} (NaN when undefined).
+    Each slide goes through :func:`torch_impl.pipeline.predict.predict_slides`, the inference
+    of evaluation and prediction (``amp_dtype``: bfloat16 autocast, or None for float32);
+    the loss is the cross-entropy of the prediction's logits. Processes share the slides
+    (rank r: r, r + N, ...) and gather the results. Unusable slides raise BadSlideError, or
+    are skipped with ``config.skip_bad_slides``. Returns {"val_loss", "val_auc",
+    "val_accuracy", "val_slides", "val_skipped"} (NaN when undefined).
     """
+    if amp_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {amp_dtype}")
     info = info if info is not None else DistInfo()
-    was_training = model.training
-    model.eval()
-    rows: list[tuple[str, int, float, float]] = []
-    skipped = 0
     local = list(records)[info.rank :: info.world_size]
-    try:
-        with torch.no_grad():
-            for record in tqdm(local, desc="validation", leave=False, disable=not progress):
-                try:
-                    slide = _open(record, config, None)
-                    try:
-                        view = AugmentedView(slide.source)
-                        mask = _feature_mask(model, view, slide, record).to(device)
-                        label = torch.tensor([record.label], device=device)
-                        with _autocast(device, amp_dtype):
-                            output = model(slide.source, mask)
-                        loss = float(model.loss(output, label))
-                        prob = float(output.probs[0, 1])
-                    except (SlideError, OSError) as e:
-                        raise BadSlideError(f"slide {record.slide_id} ({record.path}): {e}") from e
-                    finally:
-                        slide.close()
-                except BadSlideError as e:
-                    if not config.skip_bad_slides:
-                        raise
-                    logger.warning("skipping validation slide: %s", e)
-                    skipped += 1
-                    continue
-                rows.append((record.slide_id, record.label, prob, loss))
-    finally:
-        model.train(was_training)
-    parts = gather_objects((rows, skipped), info)  # [(rows, skipped)] per process
+    labels_by_id = {r.slide_id: r.label for r in local}
+    predictions, skipped_slides = predict_slides(
+        model, [(r.slide_id, r.path) for r in local], config.mpp, device, "off" if amp_dtype is None else "bf16",
+        config.skip_bad_slides, progress=progress)
+    rows: list[tuple[str, int, float, float]] = []
+    for pred in predictions:
+        label = labels_by_id[pred.slide_id]
+        logits = torch.from_numpy(pred.logits)[None]  # (1, n_classes)
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor([label])))
+        rows.append((pred.slide_id, label, pred.prob_tumor, loss))
+    parts = gather_objects((rows, len(skipped_slides)), info)  # [(rows, skipped)] per process
     gathered = [row for part in parts for row in part[0]]
     skipped = sum(part[1] for part in parts)
     labels = [r[1] for r in gathered]
@@ -409,12 +388,10 @@ def _checkpoint(path: Path, run: "_Run", config: TrainConfig) -> None:
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     """metrics.csv from the history (rewritten whole and atomically: always matches last.pt)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 class _TensorBoard:
@@ -455,9 +432,7 @@ def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    return autocast_dtype(config.amp, device)
 
 
 def _set_phase(model: StreamingCLAM, config: TrainConfig, epoch: int) -> int:
@@ -588,12 +563,11 @@ def _start_run(config: TrainConfig, resume: bool) -> _Run:
     return _Run(config, info, device, model, optimizer, state, by_id, val_records, amp_dtype, progress)
 
 
-def _train_epoch(run: _Run, epoch: int, phase: int, stop_after_slides: int | None, done: int,
-                 on_slide: Callable[[dict[str, Any]], None] | None) -> int:
+def _train_epoch(run: _Run, epoch: int, phase: int, on_slide: Callable[[dict[str, Any]], None] | None) -> None:
     """Train on this process's share of the epoch's order, from where ``run.state`` stands.
 
     Steps every ``accumulate`` slides and writes last.pt every ``checkpoint_every`` slides
-    (right after a step). Returns ``done`` plus the slides trained on here.
+    (right after a step).
     """
     config, info, state, model = run.config, run.info, run.state, run.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -625,7 +599,6 @@ def _train_epoch(run: _Run, epoch: int, phase: int, stop_after_slides: int | Non
             group[2] += 1
             loss = None
         bar.update(1)
-        done += 1
         if on_slide is not None:
             on_slide({"epoch": epoch, "position": position, "slide_id": slide_id, "loss": loss})
         if (i + 1) % config.accumulate == 0 or i + 1 == len(positions):
@@ -644,12 +617,9 @@ def _train_epoch(run: _Run, epoch: int, phase: int, stop_after_slides: int | Non
                     _checkpoint(run.out / LAST, run, config)
                     logger.debug("wrote %s after %d slides of epoch %d", run.out / LAST, state.slide_index, epoch + 1)
                 last_saved = state.slide_index
-        if stop_after_slides is not None and done >= stop_after_slides:
-            raise TrainingStopped(f"stopped after {done} slides as asked (stop_after_slides)")
     bar.close()
     if state.slides == 0:
         raise TrainingError(f"epoch {epoch + 1}: every slide was skipped; nothing was trained")
-    return done
 
 
 def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _TensorBoard) -> None:
@@ -686,7 +656,7 @@ def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _Tens
         row["val_accuracy"], row["val_slides"], row["seconds"], "; new best" if improved else "")
 
 
-def train(config: TrainConfig, resume: bool = False, *, stop_after_slides: int | None = None,
+def train(config: TrainConfig, resume: bool = False, *,
           on_slide: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or with ``resume`` continue) a run; returns the final metrics.
 
@@ -695,10 +665,10 @@ def train(config: TrainConfig, resume: bool = False, *, stop_after_slides: int |
             splits.csv, metrics.csv, last.pt and best.pt.
         resume: continue from ``<out_dir>/last.pt`` exactly where it stopped. Without it, a
             run folder that already holds last.pt is refused.
-        stop_after_slides: raise :class:`TrainingStopped` after this many slides (debugging
-            and testing of resume).
-        on_slide: called after every training slide with {"epoch" (0-based), "position",
-            "slide_id", "loss"} (loss None for a skipped slide); exceptions it raises stop the run.
+        on_slide: called after every training slide, before its optimizer step, with
+            {"epoch" (0-based), "position", "slide_id", "loss"} (loss None for a skipped
+            slide); an exception it raises stops the run there (the last checkpoint stays, so
+            ``resume`` continues from it: this is how the tests interrupt a run).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this; rank 0 writes the files.
 
@@ -715,7 +685,6 @@ def train(config: TrainConfig, resume: bool = False, *, stop_after_slides: int |
     run = _start_run(config, resume)
     state = run.state
     board = _TensorBoard(run.out, run.info.is_main)
-    done = 0  # slides this call has trained on (for stop_after_slides)
     try:
         with logging_redirect_tqdm() if run.progress else nullcontext():
             for epoch in tqdm(range(state.epoch, config.epochs), desc="epochs", initial=state.epoch,
@@ -726,7 +695,7 @@ def train(config: TrainConfig, resume: bool = False, *, stop_after_slides: int |
                     scale = config.trunk_lr_factor if group["name"] == "trunk" else 1.0
                     group["lr"] = config.lr * scale * factor
                     group["weight_decay"] = config.weight_decay
-                done = _train_epoch(run, epoch, phase, stop_after_slides, done, on_slide)
+                _train_epoch(run, epoch, phase, on_slide)
                 _finish_epoch(run, epoch, phase, factor, board)
     finally:
         board.close()
@@ -747,119 +716,66 @@ def train(config: TrainConfig, resume: bool = False, *, stop_after_slides: int |
 
 
 # ----------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
+#: Options named unlike their fields (the names the README and earlier versions use).
+_RENAMES = {"data_dir": "--data", "out_dir": "--out"}
+_METAVARS = {"data_dir": "DIR", "out_dir": "RUN", "splits_csv": "CSV", "exclude": "SLIDE", "device": "DEV",
+             "model.weights": "FILE"}
+
+
+def _parser(prog: str = "python -m torch_impl train") -> argparse.ArgumentParser:
+    """The train command: --config, --resume, -v/-q and one option per TrainConfig/ModelConfig field."""
     p = argparse.ArgumentParser(
-        prog="python -m torch_impl train",
+        prog=prog,
         description="Train StreamingCLAM (ResNet-34 + CLAM, streamed) on a CAMELYON16-style data set. "
-                    "Settings: defaults < --config FILE (or the run's config.json with --resume) < options. "
-                    "Several GPUs: torchrun --nproc_per_node N -m torch_impl train ...",
+                    "Settings: the defaults shown < --config FILE (or the run's config.json with --resume) "
+                    "< the options given. Several GPUs: torchrun --nproc_per_node N -m torch_impl train ...",
+        parents=[verbosity_options()],
     )
-    a = p.add_argument
-    a("--data", dest="data_dir", help="CAMELYON16 root (training/normal, training/tumor, ...)")
-    a("--out", dest="out_dir", help="run folder (config.json, splits.csv, metrics.csv, last.pt, best.pt)")
-    a("--config", type=Path, help="JSON file with TrainConfig fields (model settings under \"model\")")
-    a("--resume", action="store_true", help="continue the run in --out exactly where last.pt left it")
-    a("--epochs", type=int, help="total epochs (both phases)")
-    a("--head-only-epochs", type=int, help="phase-1 epochs with the trunk frozen")
-    a("--lr", type=float, help="Adam learning rate (head)")
-    a("--trunk-lr-factor", type=float, help="phase-2 trunk learning rate = lr * this")
-    a("--lr-schedule", choices=("constant", "cosine"))
-    a("--weight-decay", type=float)
-    a("--accumulate", type=int, help="slides per optimizer step (per process)")
-    a("--grad-clip", type=float, help="clip the gradient norm to this value")
-    a("--seed", type=int)
-    a("--mpp", type=float, help="working resolution, micrometres per pixel")
-    a("--max-size", type=int, help="largest training crop side, pixels")
-    a("--val-fraction", type=float, help="fraction of training slides per class held out for validation")
-    a("--splits-csv", help="slide,label,split file (default RUN/splits.csv, written once)")
-    a("--exclude", nargs="*", help="slide ids to leave out (default test_049)")
-    a("--sampler", choices=("balanced", "shuffle"))
-    a("--max-slides-per-epoch", type=int)
-    a("--skip-bad-slides", action="store_true", default=None,
-      help="skip missing/unreadable/tissue-less slides with a warning instead of stopping")
-    a("--width", type=int, help="ResNet-34 base width (64 = the real network)")
-    a("--weights", help="local torchvision resnet34 weight file (ImageNet)")
-    a("--tile-size", type=int, help="forward tile side, pixels")
-    a("--backward-tile-size", type=int, help="recompute + backward tile side, pixels")
-    a("--phase2-tile-size", type=int, help="recompute + backward tile side in phase 2")
-    a("--pool", choices=("max", "avg", "none"), help="pooling of the feature map before the head")
-    a("--pool-size", type=int)
-    a("--flip", action=argparse.BooleanOptionalAction, default=None, help="random flips")
-    a("--rot90", action=argparse.BooleanOptionalAction, default=None, help="random quarter turns")
-    a("--hue-shift", type=float, help="max hue shift, turns")
-    a("--saturation-scale", type=float, help="max relative saturation change")
-    a("--value-scale", type=float, help="max relative brightness change")
-    a("--device", help="auto, cpu, cuda or cuda:N")
-    a("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (auto: on CUDA only)")
-    a("--checkpoint-every", type=int, help="also write last.pt every N slides (mid-epoch resume)")
-    a("--stop-after-slides", type=int, help="debugging: stop after N slides (to try --resume)")
-    a("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
-    a("-v", "--verbose", action="store_true", help="debug logging (one line per slide)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help='JSON file of TrainConfig fields, model settings under "model" (default: none)')
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where its last.pt left off, with the settings "
+                        "of its config.json (default: a new run)")
+    add_dataclass_options(p, TrainConfig, title="run", renames=_RENAMES, metavars=_METAVARS, choices=CHOICES)
     return p
 
 
-_MODEL_OPTIONS = {"width": "width", "weights": "weights", "tile_size": "tile_size",
-                  "backward_tile_size": "backward_tile_size", "pool": "pool", "pool_size": "pool_size"}
-_NOT_CONFIG = {"config", "resume", "stop_after_slides", "quiet", "verbose"}
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config (or RUN/config.json on --resume) < the options given."""
+    """Defaults < --config FILE (or RUN/config.json on --resume) < the options given; -q: no progress bars."""
+    out_dir = getattr(args, "out_dir", None)
     if args.config is not None:
         config = load_config(args.config)
-    elif args.resume and args.out_dir and (Path(args.out_dir) / "config.json").is_file():
-        config = load_config(Path(args.out_dir) / "config.json")
+    elif args.resume and out_dir and (Path(out_dir) / CONFIG_FILE).is_file():
+        config = load_config(Path(out_dir) / CONFIG_FILE)
     else:
         config = TrainConfig()
-    model_changes = {}
-    changes = {}
-    for key, value in vars(args).items():
-        if value is None or key in _NOT_CONFIG:
-            continue
-        if key in _MODEL_OPTIONS:
-            model_changes[_MODEL_OPTIONS[key]] = None if value == "none" else value
-        else:
-            changes[key] = value
+    config = apply_options(config, given_options(args, field_paths(TrainConfig)))
     if args.quiet:
-        changes["progress"] = False
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes), **changes)
+        config = dataclasses.replace(config, progress=False)
+    return config
 
 
-def main_train(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m torch_impl train --data DIR --out RUN [options]``. Returns the exit status."""
-    args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
-    elif args.quiet:
-        logging.getLogger().setLevel(logging.WARNING)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for all
+def main_train(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """CLI: ``python -m torch_impl train --data DIR --out RUN [options]``.
+
+    Returns the exit status: 0 done, 1 training failed (the error is logged), 2 invalid
+    settings. Logging is set up by the caller (the top-level CLI); rank 0 also logs to
+    ``RUN/train.log``. ``-q`` here or before the command: no progress bars.
+    """
+    args = _parser(prog or "python -m torch_impl train").parse_args(argv)
+    args.quiet = args.quiet or verbosity() == QUIET
     try:
         config = config_from_args(args)
         validate_config(config)
     except (ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
-    log_handler = None
-    if rank == 0:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        log_handler = logging.FileHandler(Path(config.out_dir) / "train.log")
-        log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(log_handler)
-    try:
-        result = train(config, resume=args.resume, stop_after_slides=args.stop_after_slides)
-    except TrainingStopped as e:
-        logger.warning("%s; continue with --resume", e)
-        return 3
-    except (TrainingError, SlideError, NoTissueError) as e:
-        logger.error("%s", e)
-        return 1
-    finally:
-        if log_handler is not None:
-            logging.getLogger().removeHandler(log_handler)
-            log_handler.close()
-    logger.info("done: %s", json.dumps(result))
+    rank = int(os.environ.get("RANK", "0") or 0)
+    with run_log(Path(config.out_dir) / "train.log") if rank == 0 else nullcontext():
+        try:
+            result = train(config, resume=args.resume)
+        except (TrainingError, SlideError, NoTissueError) as e:
+            logger.error("%s", e)
+            return 1
+        logger.info("done: %s", json.dumps(result))
     return 0

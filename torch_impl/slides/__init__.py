@@ -9,6 +9,7 @@ Imports neither the models nor the pipeline: a slide becomes what a model eats (
     synthetic.py   a synthetic mini-CAMELYON16 (pyramidal JPEG TIFFs with lesions and XML)
     augment.py     flips, quarter turns and HSV jitter as a lazy view
     inputs.py      slide file -> lazy tissue crop + tissue mask on the feature grid
+    samples.py     the shipped CC0 H&E sample slide (tests and tutorials)
 """
 
 from .camelyon import (
@@ -21,7 +22,7 @@ from .camelyon import (
     read_splits,
 )
 from .slide import ArrayImage, ImageSource, RegionView, Slide, SlideError
-from .synthetic import make_demo_data, main_make_demo_data
+from .synthetic import make_demo_data
 from .tissue import NoTissueError, crop_box, mask_at_resolution, tissue_bbox, tissue_mask
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "SlideRecord",
     "crop_box",
     "discover",
-    "main_make_demo_data",
     "make_demo_data",
     "make_splits",
     "mask_at_resolution",

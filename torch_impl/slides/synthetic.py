@@ -21,13 +21,11 @@ rasterised with `rasterize_polygons`, so annotation and texture agree by constru
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import time
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,31 +310,3 @@ def make_demo_data(
                 len(records), H, W, mpp, root, time.perf_counter() - start)
     return records
 
-
-def main_make_demo_data(argv: Sequence[str] | None = None) -> int:
-    """CLI: `python -m torch_impl make-demo-data DIR [options]`. Returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m torch_impl make-demo-data",
-        description="Write a small synthetic CAMELYON16 (pyramidal TIFFs, ASAP XML, "
-                    "reference CSV) for demos and tests.",
-    )
-    parser.add_argument("root", type=Path, help="output directory (CAMELYON16 layout)")
-    parser.add_argument("--n-normal", type=int, default=6, help="training normal slides")
-    parser.add_argument("--n-tumor", type=int, default=6, help="training tumour slides")
-    parser.add_argument("--n-test-normal", type=int, default=4, help="test normal slides")
-    parser.add_argument("--n-test-tumor", type=int, default=4, help="test tumour slides")
-    parser.add_argument("--size", type=int, nargs="+", default=[2048, 2048], metavar="PX",
-                        help="level-0 size: H [W] in pixels (multiples of 256)")
-    parser.add_argument("--mpp", type=float, default=0.25, help="level-0 micrometres per pixel")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if len(args.size) not in (1, 2):
-        parser.error("--size takes H or H W")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_demo_data(
-        args.root, n_normal=args.n_normal, n_tumor=args.n_tumor,
-        n_test_normal=args.n_test_normal, n_test_tumor=args.n_test_tumor,
-        size=(args.size[0], args.size[-1]), seed=args.seed, mpp=args.mpp,
-    )
-    return 0

@@ -6,12 +6,32 @@ A *lazy source* is any object with ``.shape == (C, H, W)`` and either
 one in a background thread while the current one computes (:func:`prefetched`), pinned
 when a GPU is present so that the copy to it can overlap compute, and normalised on the
 device (:func:`to_model_input`), so host memory is O(tile), not O(image).
+
+The lazy-source contract, checked when the source is wrapped and on every tile read (a
+break raises :class:`LazySourceError`, naming the source and, for a tile, its region):
+
+* ``.shape`` is (C, H, W): three positive ints, channels first;
+* a read returns an array (C, h, w), exactly the requested region;
+* of dtype uint8 (0-255, scaled by 1/255) or float16/32/64 with values in [0, 1] (one
+  min/max per float tile: values outside, such as 0-255 floats, and NaN fail); any other
+  dtype (uint16, int16, bool, ...) is refused, as the engine cannot know its scale;
+* a source that declares ``.dtype`` returns tiles of that dtype.
+
+A tensor input (N, C, H, W) is used as given, so it must be floating point, in the
+trunk's dtype unless autocast is on.
+
+Tiles are the engine's own memory: tensor tiles are copied out of the caller's tensor and
+lazy tiles out of whatever the read returned, so a module that writes into its input
+(``nn.ReLU(inplace=True)`` as the first layer) changes neither the caller's data nor the
+overlapping part of the next tile. The copy is one pass over the tile's input, small next
+to the first convolution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -19,10 +39,27 @@ import torch
 
 from reference.tiling import Tile
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LazySource", "TensorSource", "as_source", "prefetched", "to_model_input"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LazySource",
+    "LazySourceError",
+    "TensorSource",
+    "as_source",
+    "prefetched",
+    "to_model_input",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: What a lazy source may return, in words for error messages, and the float dtypes of it.
+ACCEPTED_PIXELS = "uint8 (0-255) or float16/32/64 in [0, 1]"
+_FLOAT_PIXELS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+class LazySourceError(ValueError):
+    """A lazy source broke its contract (module docstring)."""
 
 
 def to_model_input(
@@ -34,13 +71,25 @@ def to_model_input(
     """Pixels (..., C, h, w) to network input: uint8 scaled to [0, 1], then (x - mean) / std.
 
     Floating-point pixels are taken as already in [0, 1]. ``mean``/``std`` of None skip the
-    normalisation. Runs on whatever device ``pixels`` is on (the streaming engine calls it per
-    tile on the GPU).
+    normalisation; otherwise they have one entry per channel. Runs on whatever device
+    ``pixels`` is on (the streaming engine calls it per tile on the GPU).
+
+    Raises:
+        TypeError: pixels neither uint8 nor floating point.
+        ValueError: ``mean``/``std`` do not have one entry per channel.
     """
+    if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
+        raise TypeError(f"to_model_input takes uint8 or floating-point pixels, got {pixels.dtype}")
     x = pixels.to(dtype)
     if pixels.dtype == torch.uint8:
         x = x / 255.0
     if mean is not None and std is not None:
+        channels = pixels.shape[-3] if pixels.dim() >= 3 else None
+        if not len(mean) == len(std) == channels:
+            raise ValueError(
+                f"pixels have {channels} channels but mean and std have {len(mean)} and {len(std)} "
+                "entries: give one per channel, or None to skip the normalisation"
+            )
         shape = (-1, 1, 1)  # per channel, broadcast over (h, w)
         x = (x - torch.as_tensor(mean, dtype=dtype, device=x.device).view(shape)) / torch.as_tensor(
             std, dtype=dtype, device=x.device
@@ -49,53 +98,139 @@ def to_model_input(
 
 
 class TensorSource:
-    """Tiles of an (N, C, H, W) tensor: views, used as given (no normalisation)."""
+    """Tiles of an (N, C, H, W) floating-point tensor, used as given (no normalisation).
+
+    Args:
+        x: the input.
+        dtype: the trunk's floating dtype, which ``x`` must have unless autocast is on for
+            ``device_type`` (the trunk's device); None accepts any floating dtype.
+        device_type: where the trunk computes (default: ``x``'s device).
+    """
 
     lazy = False
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None, device_type: str | None = None):
         if x.dim() != 4:
             raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        want = dtype if dtype is not None else "the trunk's dtype"
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x is {x.dtype}: a tensor input is used as given, so it must be floating point ({want}); "
+                f"turn pixels into network input with torch_impl.streaming.to_model_input(x, dtype={want}), "
+                "or pass a lazy (C, H, W) source"
+            )
+        if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(device_type or x.device.type):
+            raise TypeError(
+                f"x is {x.dtype} but the trunk computes in {dtype}: pass x.to({dtype}), or run under torch.autocast"
+            )
         self.x = x
         self.spatial = tuple(x.shape[-2:])
 
     def read(self, tile: Tile) -> torch.Tensor:
-        """(N, C, h, w) view of the tile's input region."""
+        """(N, C, h, w) view of the tile's input region (the engine copies it before a module sees it)."""
         return self.x[(..., *tile.input_slices)]
 
 
+def _describe(source: Any) -> str:
+    """How error messages name a source: its repr when short (an array's repr prints pixels)."""
+    if isinstance(source, np.ndarray):
+        return f"{type(source).__name__}(shape={source.shape}, dtype={source.dtype})"
+    text = repr(source)
+    return text if len(text) <= 100 else f"{type(source).__name__}(shape={getattr(source, 'shape', None)})"
+
+
+def _accepted(dtype: np.dtype) -> bool:
+    return dtype == np.uint8 or dtype in _FLOAT_PIXELS
+
+
 class LazySource:
-    """Tiles read on demand from an object with ``.shape == (C, H, W)``."""
+    """Tiles read on demand from an object with ``.shape == (C, H, W)``, checked against the
+    contract (module docstring) when wrapped and on every read."""
 
     lazy = True
 
     def __init__(self, source: Any):
+        self.source, self.name = source, _describe(source)
         shape = tuple(getattr(source, "shape", ()))
-        if len(shape) != 3:
-            raise ValueError(
-                f"a lazy input needs .shape == (C, H, W), got {shape!r} from {type(source).__name__}"
+        if len(shape) != 3 or not all(isinstance(n, Integral) and n > 0 for n in shape):
+            raise LazySourceError(f"a lazy input needs .shape == (C, H, W), got {shape!r} from {self.name}")
+        if shape[0] > 4 and shape[2] <= 4:
+            raise LazySourceError(
+                f"{self.name} has shape {shape}, which looks like (H, W, C); a lazy source is channels "
+                f"first: (C, H, W) = {(shape[2], shape[0], shape[1])}"
             )
         if not (hasattr(source, "read") or hasattr(source, "__getitem__")):
-            raise ValueError(f"{type(source).__name__} has neither .read(y, x, h, w) nor slicing")
-        self.source = source
-        self.spatial = shape[1:]
+            raise LazySourceError(f"{self.name} has neither .read(y, x, h, w) nor slicing")
+        self.channels, self.spatial = int(shape[0]), (int(shape[1]), int(shape[2]))
+        self.dtype = self._declared_dtype()
+
+    def _declared_dtype(self) -> np.dtype | None:
+        declared = getattr(self.source, "dtype", None)
+        if declared is None:
+            return None
+        try:
+            dtype = np.dtype(declared)
+        except TypeError:
+            raise LazySourceError(f"{self.name} declares .dtype {declared!r}, which is not a NumPy dtype") from None
+        if not _accepted(dtype):
+            raise LazySourceError(
+                f"{self.name} declares .dtype {dtype}; a lazy source returns {ACCEPTED_PIXELS}: convert its "
+                "pixels (e.g. scale uint16 to uint8, or to float in [0, 1])"
+            )
+        return dtype
 
     def read(self, tile: Tile) -> torch.Tensor:
         """(1, C, h, w) host tensor of the tile's input region, pinned when a GPU is present."""
         rows, cols = tile.input_slices
+        region = (rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)  # (y, x, h, w)
         if hasattr(self.source, "read"):
-            region = self.source.read(rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
+            pixels = self.source.read(*region)
         else:
-            region = self.source[:, rows, cols]
-        region = torch.from_numpy(np.ascontiguousarray(region))[None]  # (1, C, h, w)
+            pixels = self.source[:, rows, cols]
+        tensor = torch.from_numpy(self._checked(pixels, region))[None]  # (1, C, h, w)
         if torch.cuda.is_available():
-            region = region.pin_memory()  # lets the copy to the GPU overlap compute
-        return region
+            tensor = tensor.pin_memory()  # lets the copy to the GPU overlap compute
+        return tensor
+
+    def _checked(self, pixels: Any, region: tuple[int, int, int, int]) -> np.ndarray:
+        """One read's ``pixels``, C-contiguous; LazySourceError if they break the contract."""
+        where = f"{self.name}, region (y, x, h, w) = {region}"
+        want = (self.channels, *region[2:])
+        if pixels is None:
+            raise LazySourceError(f"{where}: returned None instead of an array (C, h, w) = {want}")
+        array = np.ascontiguousarray(pixels)  # may still be the source's memory: the engine copies before use
+        if array.shape != want:
+            hint = ""
+            if array.shape == (*want[1:], want[0]):
+                hint = "; (h, w, C) layout? Return channels first: array.transpose(2, 0, 1)"
+            elif array.ndim == 3 and array.shape[1:] == want[1:]:
+                hint = f"; returned {array.shape[0]} channels, the source declares {want[0]}"
+            raise LazySourceError(
+                f"{where}: returned an array of shape {array.shape}, expected (C, h, w) = {want}{hint}"
+            )
+        if self.dtype is not None and array.dtype != self.dtype:
+            raise LazySourceError(f"{where}: returned dtype {array.dtype} but declares .dtype {self.dtype}")
+        if not _accepted(array.dtype):
+            raise LazySourceError(
+                f"{where}: returned dtype {array.dtype}; a lazy source returns {ACCEPTED_PIXELS}: convert "
+                "its pixels (e.g. scale uint16 to uint8, or to float in [0, 1])"
+            )
+        if array.dtype != np.uint8:
+            low, high = array.min(), array.max()
+            if not (low >= 0 and high <= 1):  # also False for NaN
+                raise LazySourceError(
+                    f"{where}: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
+                    "(0-255 values: return uint8, or divide by 255)"
+                )
+        return array
 
 
-def as_source(x: torch.Tensor | Any) -> TensorSource | LazySource:
-    """A tensor (N, C, H, W) becomes a :class:`TensorSource`, anything else a :class:`LazySource`."""
-    return TensorSource(x) if isinstance(x, torch.Tensor) else LazySource(x)
+def as_source(
+    x: torch.Tensor | Any, dtype: torch.dtype | None = None, device_type: str | None = None
+) -> TensorSource | LazySource:
+    """A tensor (N, C, H, W) becomes a :class:`TensorSource` (``dtype``, ``device_type``: see
+    there), anything else a :class:`LazySource`."""
+    return TensorSource(x, dtype, device_type) if isinstance(x, torch.Tensor) else LazySource(x)
 
 
 def prefetched(source: TensorSource | LazySource, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:

@@ -21,7 +21,9 @@ tiles in float32, so the streamed step matches the plain bf16 step to bf16 round
 
 Inputs are a tensor (N, C, H, W) or a *lazy source* (see :mod:`torch_impl.streaming.sources`):
 any object with ``.shape == (C, H, W)`` and ``.read(y, x, h, w)`` or NumPy slicing, read tile
-by tile, so host memory is O(tile), not O(image).
+by tile, so host memory is O(tile), not O(image). Every tile the module sees is a copy, so a
+module that writes into its input changes neither the caller's data nor the next tile; the
+sources check the input's dtype and each lazy read against the contract.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reference.tiling import Tile, TilePlan, plan_tiles
+from reference.tiling import Tile, TilePlan, plan_tiles, size_pair
 
 from .geometry import check_streamable, module_geometry
 from .sources import IMAGENET_MEAN, IMAGENET_STD, LazySource, TensorSource, as_source, prefetched, to_model_input
@@ -46,8 +48,8 @@ class StreamingTrunk(nn.Module):
     Args:
         module: the trunk: nested ``nn.Sequential`` of local modules (see
             :mod:`torch_impl.streaming.geometry`), batch norm in eval mode. Not copied or changed.
-        tile_size: maximum tile size (int or (h, w)) in input pixels for the forward pass,
-            which keeps no activations and can use large tiles.
+        tile_size: maximum tile size (int or (h, w), any integral type) in input pixels for
+            the forward pass, which keeps no activations and can use large tiles.
         backward_tile_size: maximum tile size for the recompute + backward pass (default:
             ``tile_size``); it holds one tile's activations and their gradients.
         mean, std: per-channel normalisation applied to lazy inputs (after scaling uint8 to
@@ -68,6 +70,9 @@ class StreamingTrunk(nn.Module):
         super().__init__()
         self.module = module
         self.geometry = module_geometry(module)  # raises on unsupported modules
+        size_pair(tile_size, "tile_size")  # raises on anything but positive integral sizes
+        if backward_tile_size is not None:
+            size_pair(backward_tile_size, "backward_tile_size")
         self.tile_size = tile_size
         self.backward_tile_size = backward_tile_size if backward_tile_size is not None else tile_size
         self.mean, self.std = mean, std
@@ -83,19 +88,25 @@ class StreamingTrunk(nn.Module):
             return t.device
         return fallback
 
-    def _input_dtype(self) -> torch.dtype:
-        """Lazy tiles are normalised into the trunk's floating dtype (autocast casts later)."""
+    def _dtype(self) -> torch.dtype | None:
+        """The trunk's floating dtype (None for a trunk without floating parameters)."""
         for p in self.module.parameters():
             if p.is_floating_point():
                 return p.dtype
-        return torch.float32
+        return None
 
     def _prepare(self, pixels: torch.Tensor, lazy: bool, device: torch.device) -> torch.Tensor:
+        """The network input of one tile on ``device``, never sharing memory with ``pixels``."""
         x = pixels.to(device, non_blocking=True)
         if lazy:
-            x = to_model_input(x, self.mean, self.std, dtype=self._input_dtype())
+            # into the trunk's dtype (autocast casts later)
+            x = to_model_input(x, self.mean, self.std, dtype=self._dtype() or torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if x.untyped_storage().data_ptr() == pixels.untyped_storage().data_ptr():
+            # nothing above copied: a module writing into its input (ReLU(inplace=True)) would
+            # change the caller's data and the overlapping next tile
+            x = x.clone()
         return x
 
     def _tiles(self, source: TensorSource | LazySource, plan: TilePlan, device: torch.device
@@ -130,12 +141,12 @@ class StreamingTrunk(nn.Module):
         grad_x = torch.zeros_like(source.x) if input_grad else None
         grads: list[torch.Tensor | None] = [None] * len(params)
         for tile, x_tile in self._tiles(source, plan, device):
-            if input_grad:
-                x_tile = x_tile.detach().requires_grad_(True)
+            leaf = x_tile.detach().requires_grad_(input_grad)
             with torch.enable_grad():
-                y_tile = self.module(x_tile)
+                # a clone, not the leaf itself: autograd refuses in-place writes into a leaf
+                y_tile = self.module(leaf.clone() if input_grad else leaf)
                 owned = y_tile[(..., *tile.owned_slices)]
-                inputs = ([x_tile] if input_grad else []) + list(params)
+                inputs = ([leaf] if input_grad else []) + list(params)
                 tile_grads = torch.autograd.grad(
                     owned, inputs, grad_y[(..., *tile.output_slices)].to(owned.dtype), allow_unused=True
                 )
@@ -150,7 +161,8 @@ class StreamingTrunk(nn.Module):
     def forward(self, x: torch.Tensor | Any) -> torch.Tensor:
         """``module(x)``, streamed. ``x``: (N, C, H, W) tensor or a lazy (C, H, W) source."""
         check_streamable(self.module)
-        source = as_source(x)
+        device = self._device(x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+        source = as_source(x, self._dtype(), device.type)  # checks the input against what the trunk needs
         params = [p for p in self.module.parameters() if p.requires_grad]
         input_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (params or input_grad):
