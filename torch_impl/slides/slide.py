@@ -38,7 +38,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import openslide
-from PIL import Image
 
 from .resample import shrink_pil, shrink_rgbx
 from .tiff_reader import TiffPyramid, TileError, UnsupportedTiff, shared_pool

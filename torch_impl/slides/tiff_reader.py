@@ -137,7 +137,7 @@ def chunks(items: Sequence[T], n: int) -> list[Sequence[T]]:
     """Split `items` into at most `n` contiguous, nearly equal, non-empty runs."""
     n = max(1, min(n, len(items)))
     bounds = np.linspace(0, len(items), n + 1).round().astype(int)
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 @dataclass(frozen=True)
