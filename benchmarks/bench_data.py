@@ -26,8 +26,8 @@ tile-aligned, so it covers exactly 64 tiles), in megapixels per second of return
                   tiles: the row says how many tile pixels per crop pixel).
 
 Each row is the best of --repeat runs by wall time (default allocator: each read allocates
-its output, as in training); the process CPU time of that run is printed too (all threads),
-and the ratio to the anchor. Target 1 compares CPU times (one thread each: robust to other
+its output, as in training); the least process CPU time (all threads) is printed too, and
+the ratio to the anchor. Target 1 compares CPU times (one thread each: robust to other
 processes taking turns on the cores); target 2 compares wall times, which needs idle cores
 to mean anything: the load average before and after is printed. Targets (from the issue):
 the fast reader with 1 thread at least 0.7x the anchor; with 2 threads at least 1.7x its
@@ -133,15 +133,14 @@ def cached_slide(cache_dir: Path, size: int, tile: int, quality: int) -> Path:
 
 # --------------------------------------------------------------------------- timing
 def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """(wall s, process CPU s) of the fastest of `repeat` runs after one warm-up run."""
+    """(least wall s, least process CPU s) over `repeat` runs after one warm-up run."""
     fn()
-    best = (math.inf, math.inf)
+    wall = cpu = math.inf
     for _ in range(repeat):
         w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        w, c = time.perf_counter() - w0, time.process_time() - c0
-        best = min(best, (w, c))
-    return best
+        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 def raw_decode(path: Path, level: int, y: int, x: int, h: int, w: int) -> Callable[[], None]:
