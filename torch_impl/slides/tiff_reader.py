@@ -2,11 +2,14 @@
 
 For TIFF-family slides (the generic tiled pyramidal TIFF of CAMELYON16 and of our synthetic
 data, Aperio SVS) `TiffPyramid.read` finds the tiles that a region covers, reads their bytes
-with `os.pread` (no shared file position, so threads need no lock), decodes them with
-tifffile's per-page decoder (imagecodecs: libjpeg-turbo for JPEG, with the file's JPEGTables
-and the page's colour space: YCbCr for generic JPEG TIFFs, RGB for Aperio) and copies each
-tile's part of the region into a (3, h, w) uint8 output, channels first. Decoders release the
-GIL, so tiles decode in parallel in a `ThreadPool`.
+with `os.pread` (no shared file position, so threads need no lock), decodes them (JPEG:
+imagecodecs' libjpeg-turbo, with the file's JPEGTables and the page's colour space, YCbCr for
+generic JPEG TIFFs and RGB for Aperio, into a buffer each thread reuses; other compressions:
+tifffile's per-page decoder) and copies each tile's part of the region into a (3, h, w)
+uint8 output, channels first. Decoders release the GIL, so tiles decode in parallel in a
+`ThreadPool`. The one cost beyond decoding is that copy, which turns the decoder's
+interleaved RGB into channel planes (about 1.2-1.8 ns per pixel on the machine this was
+written on).
 
 Pixels equal OpenSlide's `read_region` on the same level (both decode with libjpeg-turbo; the
 tests check equality, 0 grey levels, on synthetic slides and on a real Aperio slide) except
@@ -23,12 +26,11 @@ JPEG, more than 8 bits, ...) raise `UnsupportedTiff`, and `Slide` falls back to 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,8 +38,6 @@ from typing import Any, TypeVar
 import imagecodecs
 import numpy as np
 import tifffile
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -97,7 +97,8 @@ class ThreadPool:
         if self.threads == 1 or len(items) <= 1:
             return [fn(item) for item in items]
         futures = [self._get().submit(fn, item) for item in items]
-        return [f.result() for f in futures]  # waits for all before the first error surfaces
+        wait(futures)  # all done before an error surfaces: no task still writes into the output
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         """Stop the threads (idempotent); the pool restarts them if used again."""
