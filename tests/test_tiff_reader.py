@@ -418,3 +418,15 @@ def test_file_truncated_after_open_raises_slide_error_naming_the_file(files, tmp
         s.read(0, 0, 256, 256)
         with pytest.raises(SlideError, match="shrinking.tif.*truncated"):
             s.read(600, 300, 10, 10)
+
+
+@pytest.mark.parametrize("name,mpp", [("tiny", 0.7), ("svs", 0.8), ("svs", 1.3)])
+def test_both_backends_resample_alike(files, name, mpp):
+    """Same level pixels (bound 0, above), same shrink: bitwise equal, thumbnails too."""
+    with Slide(files[name], mpp=mpp, backend="openslide", threads=2) as old, \
+            Slide(files[name], mpp=mpp, threads=2) as new:
+        assert (old.backend, new.backend) == ("openslide", "tiff")
+        _, H, W = new.shape
+        for region in [(0, 0, H, W), (-5, 7, 300, 200), (H - 100, W - 50, 150, 90)]:
+            np.testing.assert_array_equal(new.read(*region), old.read(*region))
+        np.testing.assert_array_equal(new.thumbnail(150), old.thumbnail(150))
