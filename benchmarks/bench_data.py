@@ -12,6 +12,10 @@ tile-aligned, so it covers exactly 64 tiles), in megapixels per second of return
     Slide/OS      Slide(backend="openslide").read: OpenSlide + alpha check + transpose
     Slide 1 thr   Slide(backend="tiff", threads=1).read: the fast reader, (3, h, w) uint8
     Slide N thr   the same with all usable cores
+    RGBX 1 thr    TiffPyramid.read(layout="rgbx"), one thread: the same tiles decoded into a
+                  pixel-interleaved (h, w, 4) output by whole rows, i.e. the fast reader
+                  without the copy from interleaved RGB to channel planes that Slide.read's
+                  (3, h, w) needs (what a GPU-side permute would save)
     resampled     Slide(mpp=0.7).read: level 1 (0.5 um/px) shrunk 1.4x (box filter); each
                   returned pixel decodes 1.96 level pixels; OpenSlide backend, then fast
                   reader with 1 and N threads
@@ -244,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             assert s.backend == "tiff" and s.level == 1
             timings[threads] = add(f"Slide.read, fast reader, {threads} thread(s)", lambda: s.read(y, x, r, r), px)
     one_cpu, one_wall, many_wall = timings[1][1], timings[1][0], timings[n][0]
+    with TiffPyramid(path, threads=1) as tiff:
+        add("TiffPyramid.read, RGBX (h, w, 4) output, 1 thread",
+            lambda: tiff.read(1, y, x, r, r, layout="rgbx"), px)
     for backend, threads in (("openslide", 1), ("tiff", 1), ("tiff", n)):
         with Slide(path, mpp=args.mpp_resampled, backend=backend, threads=threads) as s:
             fy, fx = s.resample
