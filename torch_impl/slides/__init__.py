@@ -3,7 +3,9 @@
 Imports neither the models nor the pipeline: a slide becomes what a model eats (a lazy
 (3, h, w) uint8 source and a tissue mask on the feature grid) without knowing the model.
 
-    slide.py       Slide (OpenSlide, mpp-based level choice), ArrayImage, RegionView, SlideError
+    slide.py       Slide (mpp-based level choice), ArrayImage, RegionView, SlideError
+    tiff_reader.py fast threaded reader of tiled pyramidal TIFFs (Slide's backend for TIFF/SVS)
+    resample.py    the box filter that shrinks a level to the working mpp (PIL's windows, fast)
     tissue.py      tissue mask (Otsu on saturation), bounding box, crops, masks at other resolutions
     camelyon.py    CAMELYON16 folder layout, labels, splits, ASAP XML annotations
     synthetic.py   a synthetic mini-CAMELYON16 (pyramidal JPEG TIFFs with lesions and XML)

@@ -10,18 +10,22 @@ at a time. Every source in this project speaks the same small protocol (`ImageSo
     source.read(y, x, h, w) -> (3, h, w) uint8 array of rows [y, y+h) and columns [x, x+w);
                                any part outside [0, H) x [0, W) is white (255)
 
-`Slide` implements it on top of OpenSlide for any vendor format; `RegionView` crops any
-source (e.g. to the tissue bounding box); `ArrayImage` wraps an in-memory array (tests,
-tutorials).
+`Slide` implements it for any vendor format OpenSlide reads; for TIFF-family slides (generic
+tiled pyramidal TIFF, Aperio SVS) it decodes the tiles itself, in threads, with the fast
+reader of `tiff_reader.py` (same pixels, several times faster), and OpenSlide stays the
+fallback for everything else. `RegionView` crops any source (e.g. to the tissue bounding
+box); `ArrayImage` wraps an in-memory array (tests, tutorials).
 
 Resolution convention: `mpp` is micrometres per pixel; a larger mpp is a coarser image.
 `Slide(path, mpp=0.5)` picks the pyramid level whose mpp lies within 10% of 0.5 and serves
 its pixels unchanged. If no level is that close, it reads the next finer level and shrinks
-by the factor f = mpp / level_mpp > 1 with an area (box) filter: target pixel (i, j) is the
-mean of level pixels [i f, (i+1) f) x [j f, (j+1) f) (fractional pixels weighted by
-overlap). Because each target pixel depends only on its own footprint, reading a tile gives
-the same pixels as reading a larger region and cutting the tile out of it (to PIL's 8-bit
-fixed-point rounding, at most 1 grey level), which the streaming engine relies on.
+by the factor f = mpp / level_mpp > 1 with PIL's box filter: target pixel (i, j) is the mean
+of the level pixels whose centres lie in its footprint [i f, (i+1) f) x [j f, (j+1) f)
+(separable, each pass rounded to 8 bits). Because each target pixel
+depends only on its own footprint, reading a tile gives the same pixels as reading a larger
+region and cutting the tile out of it (to PIL's rounding, at most 1 grey level; PIL places
+the footprint in single precision, so a level pixel whose centre lies within ~1e-4 px of a
+footprint edge may go to either neighbour), which the streaming engine relies on.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import openslide
-from PIL import Image
+
+from .resample import shrink_pil, shrink_rgbx
+from .tiff_reader import TiffPyramid, TileError, UnsupportedTiff, shared_pool
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,12 @@ _UM_PER_RESOLUTION_UNIT = {"centimeter": 1e4, "inch": 25400.0}
 #: Largest block (level pixels per side) read at once when building a thumbnail, so that
 #: a thumbnail of a single-level gigapixel slide still never loads the whole slide.
 _THUMBNAIL_BLOCK = 4096
+
+#: OpenSlide vendors whose files the fast TIFF reader may serve (levels checked at open).
+_TIFF_VENDORS = {"generic-tiff", "aperio"}
+
+#: Backends `Slide` can use: "tiff" (tifffile + imagecodecs, threaded), "openslide".
+BACKENDS = ("auto", "tiff", "openslide")
 
 
 class SlideError(ValueError):
@@ -152,6 +164,8 @@ class RegionView:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = _check_region(y, x, h, w)
+        if 0 <= y and y + h <= self.h and 0 <= x and x + w <= self.w:
+            return self.source.read(self.y0 + y, self.x0 + x, h, w)  # inside: no second copy
         out = np.full((self.shape[0], h, w), 255, dtype=self.dtype)
         return _paste_clipped(
             out, y, x, self.h, self.w,
@@ -199,11 +213,19 @@ class Slide:
         mpp_level0: level-0 resolution in um/px, for files that do not record it (it then
             overrides the file's value). One number, or (mpp_y, mpp_x).
         tolerance: relative mpp tolerance for using a level as is (default 10%).
+        backend: who decodes pixels. "auto" (default): the fast TIFF reader
+            (`tiff_reader.TiffPyramid`) for generic tiled TIFF and Aperio SVS files whose
+            levels it decodes exactly, else OpenSlide. "tiff": the fast reader or a
+            SlideError saying why not. "openslide": always OpenSlide.
+        threads: threads that decode tiles and resample, per read; default all usable
+            cores. 1 runs everything in the calling thread. Slides asking for the same
+            number share one process-wide pool. Reads are thread-safe.
 
     Raises:
         FileNotFoundError: `path` does not exist.
         SlideError: unsupported, corrupt or truncated file (checked at open by reading the
-            last tile of every level), or no recorded resolution and no `mpp_level0`.
+            last tile of every level; a bad tile met later raises it too), or no recorded
+            resolution and no `mpp_level0`.
         ValueError: `mpp` is finer than the slide's finest level.
 
     Attributes:
@@ -214,8 +236,11 @@ class Slide:
             requested `mpp`.
         mpp_level0: (mpp_y, mpp_x) of level 0.
         resample: (f_y, f_x), level pixels per returned pixel; (1.0, 1.0) when a level matched.
+        backend: "tiff" or "openslide", the decoder in use.
+        threads: threads per read.
 
-    The object holds an OpenSlide handle (thread-safe for reads). Pickling stores only the
+    The object holds an OpenSlide handle (metadata; thread-safe for reads) and, with the
+    "tiff" backend, a file descriptor. Pickling stores only the
     constructor arguments and reopens the file, so a Slide can go to DataLoader workers.
     """
 
@@ -225,11 +250,19 @@ class Slide:
         mpp: float = 0.5,
         mpp_level0: float | tuple[float, float] | None = None,
         tolerance: float = MPP_TOLERANCE,
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> None:
-        self._args = (path, mpp, mpp_level0, tolerance)
+        self._args = (path, mpp, mpp_level0, tolerance, backend, threads)
         self.path = Path(path)
+        self._osr = None
+        self._tiff: TiffPyramid | None = None
         if mpp <= 0:
             raise ValueError(f"mpp must be > 0 micrometres per pixel, got {mpp}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._pool = shared_pool(threads)  # process-wide, shared with other slides
+        self.threads = self._pool.threads
         if not self.path.is_file():
             raise FileNotFoundError(f"slide file not found: {self.path}")
         try:
@@ -243,9 +276,10 @@ class Slide:
             raise SlideError(f"{self.path}: OpenSlide cannot open it: {e}") from e
         try:
             self._init_geometry(float(mpp), mpp_level0, float(tolerance))
+            self._init_backend(backend)
             self._check_integrity()
         except BaseException:
-            self._osr.close()
+            self.close()
             raise
 
     # ------------------------------------------------------------------ set-up
@@ -306,6 +340,29 @@ class Slide:
             self.path.name, level, self.level_mpp, self.resample, self._shape,
         )
 
+    def _init_backend(self, backend: str) -> None:
+        """Open the fast TIFF reader when `backend` allows it and the file suits it."""
+        self.backend = "openslide"
+        if backend == "openslide":
+            return
+        vendor = self._osr.properties.get("openslide.vendor", "")
+        try:
+            if vendor not in _TIFF_VENDORS:
+                raise UnsupportedTiff(f"{self.path}: OpenSlide vendor {vendor!r}, not one of "
+                                      f"{sorted(_TIFF_VENDORS)}")
+            tiff = TiffPyramid(self.path, threads=self.threads)
+            if tiff.level_dimensions != self._level_dims:
+                tiff.close()
+                raise UnsupportedTiff(f"{self.path}: tiled pages {tiff.level_dimensions} are "
+                                      f"not OpenSlide's levels {self._level_dims}")
+        except UnsupportedTiff as e:
+            if backend == "tiff":
+                raise SlideError(f"the fast TIFF reader cannot serve this slide: {e}") from e
+            logger.debug("%s: OpenSlide backend (%s)", self.path.name, e)
+            return
+        self._tiff, self.backend = tiff, "tiff"
+        logger.debug("%s: fast TIFF backend, %d thread(s)", self.path.name, self.threads)
+
     def _check_integrity(self) -> None:
         """Decode the bottom-right tile of every level, so truncated files fail at open.
 
@@ -347,30 +404,41 @@ class Slide:
         Only the level pixels under the region are decoded.
         """
         y, x, h, w = _check_region(y, x, h, w)
-        out = np.full((3, h, w), 255, dtype=np.uint8)
+        out = np.empty((3, h, w), dtype=np.uint8)  # the one buffer of this read
         _, H, W = self._shape
-        fy, fx = self.resample
-
-        def reader(y0: int, x0: int, h0: int, w0: int) -> np.ndarray:  # (3, h0, w0)
-            if (fy, fx) == (1.0, 1.0):
-                hwc = self._read_level(self.level, y0, x0, h0, w0)
+        y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
+        if (y0, y1, x0, x1) != (y, y + h, x, x + w):
+            out.fill(255)  # part of the region lies outside the image
+        if y1 > y0 and x1 > x0:
+            inner = out[:, y0 - y : y1 - y, x0 - x : x1 - x]
+            if self.resample == (1.0, 1.0):
+                self._read_level(self.level, y0, x0, y1 - y0, x1 - x0, out=inner)
             else:
-                hwc = self._read_scaled(self.level, y0, x0, h0, w0, fy, fx)
-            return hwc.transpose(2, 0, 1)
-
-        return _paste_clipped(out, y, x, H, W, reader)
+                self._read_scaled(self.level, y0, x0, y1 - y0, x1 - x0, *self.resample, out=inner)
+        return out
 
     # ------------------------------------------------------------------ reading
-    def _read_level(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB of a region given in `level`'s own pixel grid.
+    def _read_level(
+        self, level: int, y: int, x: int, h: int, w: int, out: np.ndarray | None = None,
+        layout: str = "chw",
+    ) -> np.ndarray:
+        """(3, h, w) uint8 RGB of a region given in `level`'s own pixel grid (into `out`);
+        (h, w, 4) RGBX with `layout="rgbx"` (see `TiffPyramid.read`).
 
-        OpenSlide takes the location in level-0 pixels: we pass round(level px * downsample).
-        For levels whose downsample is an integer (dimensions exact divisions of level 0,
-        as in CAMELYON16 and in our synthetic slides) this is exact; otherwise OpenSlide
-        positions the read at a sub-pixel offset (< 1 level pixel) and interpolates.
+        Fast backend: `TiffPyramid.read` (the level's exact pixel grid). OpenSlide takes
+        the location in level-0 pixels: we pass round(level px * downsample). For levels
+        whose downsample is an integer (dimensions exact divisions of level 0, as in
+        CAMELYON16 and in our synthetic slides) this is exact; otherwise OpenSlide positions
+        the read at a sub-pixel offset (< 1 level pixel) and interpolates.
         """
         if self._osr is None:
             raise ValueError(f"{self.path}: the slide is closed")
+        if self._tiff is not None:
+            try:
+                return self._tiff.read(level, y, x, h, w, out=out, layout=layout)
+            except TileError as e:
+                raise SlideError(f"{self.path}: reading level {level} at y={y}, x={x}, "
+                                 f"h={h}, w={w} failed: {e}") from e
         d = self._downsamples[level]
         try:
             rgba = self._osr.read_region(
@@ -381,35 +449,57 @@ class Slide:
                              f"h={h}, w={w} failed: {e}") from e
         a = np.asarray(rgba)  # (h, w, 4) RGBA, not premultiplied
         rgb, alpha = a[..., :3], a[..., 3:]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(rgb)
-        # Transparent pixels (outside the scanned area) become white: rgb*a + 255*(1-a).
-        comp = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16)) + 127) // 255
-        return comp.astype(np.uint8)
+        if alpha.min() < 255:
+            # Transparent pixels (outside the scanned area) become white: rgb*a + 255*(1-a).
+            rgb = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16)) + 127) // 255
+        if layout == "rgbx":
+            if out is None:
+                out = np.empty((h, w, 4), dtype=np.uint8)
+            out[..., :3] = rgb
+        else:
+            if out is None:
+                out = np.empty((3, h, w), dtype=np.uint8)
+            out[...] = rgb.transpose(2, 0, 1)
+        return out
 
     def _read_scaled(
-        self, level: int, y: int, x: int, h: int, w: int, fy: float, fx: float
+        self, level: int, y: int, x: int, h: int, w: int, fy: float, fx: float,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(h, w, 3) uint8 of an output grid that shrinks `level` by (fy, fx) >= 1.
+        """(3, h, w) uint8 of an output grid that shrinks `level` by (fy, fx) (into `out`).
 
-        Output pixel (i, j) averages level pixels [i fy, (i+1) fy) x [j fx, (j+1) fx)
-        (PIL BOX filter: area-weighted mean). We decode the integer level rectangle that
-        covers the footprint of the region and hand PIL the exact fractional box, so the
-        result does not depend on where the region's tiles start.
+        Output pixel (i, j) averages the level pixels whose centres lie in [i fy, (i+1) fy)
+        x [j fx, (j+1) fx) (PIL's BOX filter; module docstring). We decode the integer level
+        rectangle that covers the footprint of the region and shrink it with the exact
+        fractional box: for factors in [1, 2] with `resample.shrink_rgbx` (PIL's windows,
+        within 1 grey level of PIL, several times faster), otherwise with PIL itself in
+        bands of rows. Both run on the slide's threads.
         """
+        if out is None:
+            out = np.empty((3, h, w), dtype=np.uint8)
         lw, lh = self._level_dims[level]
         by0, by1 = y * fy, (y + h) * fy  # footprint in level pixels (fractional)
         bx0, bx1 = x * fx, (x + w) * fx
         iy0, ix0 = int(math.floor(by0)), int(math.floor(bx0))
         iy1, ix1 = int(math.ceil(by1 - 1e-9)), int(math.ceil(bx1 - 1e-9))
-        # (ih, iw, 3); the footprint may overhang the level's last row/column by a fraction
-        # of a pixel (thumbnails, non-integer downsamples): repeat the edge there.
-        patch = self._read_level(level, iy0, ix0, min(iy1, lh) - iy0, min(ix1, lw) - ix0)
-        if iy1 > lh or ix1 > lw:
-            patch = np.pad(patch, ((0, max(iy1 - lh, 0)), (0, max(ix1 - lw, 0)), (0, 0)), "edge")
-        box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
-        small = Image.fromarray(patch).resize((w, h), Image.Resampling.BOX, box=box)
-        return np.asarray(small)
+        ih, iw = min(iy1, lh) - iy0, min(ix1, lw) - ix0  # inside the level
+        # The footprint may overhang the level's last row/column by a fraction of a pixel
+        # (thumbnails, non-integer downsamples): repeat the edge there.
+        pad = (max(iy1 - lh, 0), max(ix1 - lw, 0))
+        if 1.0 <= fy <= 2.0 and 1.0 <= fx <= 2.0:
+            patch = self._read_level(level, iy0, ix0, ih, iw, layout="rgbx")  # (ih, iw, 4)
+            if any(pad):
+                patch = np.pad(patch, ((0, pad[0]), (0, pad[1]), (0, 0)), "edge")
+            box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
+            if shrink_rgbx(patch, box, out, self._pool):
+                return out
+            patch = np.ascontiguousarray(patch[..., :3].transpose(2, 0, 1))  # rare edge case
+        else:
+            patch = self._read_level(level, iy0, ix0, ih, iw)  # (3, ih, iw)
+            if any(pad):
+                patch = np.pad(patch, ((0, 0), (0, pad[0]), (0, pad[1])), "edge")
+        shrink_pil(patch, (iy0, ix0), (y, x, h, w), (fy, fx), out, self._pool)
+        return out
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """The whole working-resolution image shrunk to fit `max_size`: (H', W', 3) uint8.
@@ -436,16 +526,19 @@ class Slide:
         for i in range(0, th, by):
             for j in range(0, tw, bx):
                 hh, ww = min(by, th - i), min(bx, tw - j)
-                out[i : i + hh, j : j + ww] = self._read_scaled(level, i, j, hh, ww, gy, gx)
+                out[i : i + hh, j : j + ww] = self._read_scaled(
+                    level, i, j, hh, ww, gy, gx).transpose(1, 2, 0)
         return out
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Release the OpenSlide handle (idempotent)."""
-        osr = getattr(self, "_osr", None)
+        """Release the OpenSlide handle and the TIFF reader's file (idempotent)."""
+        osr, tiff = getattr(self, "_osr", None), getattr(self, "_tiff", None)
+        self._osr = self._tiff = None
+        if tiff is not None:
+            tiff.close()
         if osr is not None:
             osr.close()
-            self._osr = None
 
     def __enter__(self) -> "Slide":
         return self
@@ -461,4 +554,4 @@ class Slide:
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, level={self.level}, "
-                f"shape={self._shape})")
+                f"shape={self._shape}, backend={self.backend!r})")
