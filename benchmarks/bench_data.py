@@ -108,21 +108,36 @@ def make_slide(path: Path, size: int, tile: int, quality: int, seed: int = 0) ->
                         y0, y1 = max(ty, by * block), min(ty + tile, (by + 1) * block, side)
                         x0, x1 = max(tx, bx * block), min(tx + tile, (bx + 1) * block, side)
                         src = variants[k][blocks[by, bx]]
-                        t[y0 - ty:y1 - ty, x0 - tx:x1 - tx] = src[y0 - by * block:y1 - by * block,
-                                                                  x0 - bx * block:x1 - bx * block]
+                        t[y0 - ty : y1 - ty, x0 - tx : x1 - tx] = src[
+                            y0 - by * block : y1 - by * block, x0 - bx * block : x1 - bx * block
+                        ]
                 yield t
 
     tmp = path.with_name(path.name + f".{os.getpid()}.part")
     with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for k in range(n_levels):
             side, px_per_cm = size >> k, 1e4 / (MPP0 * 2**k)
-            tif.write(tiles(k), shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile),
-                      photometric="rgb", compression="jpeg", compressionargs={"level": quality},
-                      resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
-                      subfiletype=0 if k == 0 else 1, metadata=None)
+            tif.write(
+                tiles(k),
+                shape=(side, side, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if k == 0 else 1,
+                metadata=None,
+            )
     tmp.rename(path)
-    log.info("wrote %s (%d levels, %.0f MB) in %.0f s", path, n_levels,
-             path.stat().st_size / 1e6, time.perf_counter() - start)
+    log.info(
+        "wrote %s (%d levels, %.0f MB) in %.0f s",
+        path,
+        n_levels,
+        path.stat().st_size / 1e6,
+        time.perf_counter() - start,
+    )
 
 
 def cached_slide(cache_dir: Path, size: int, tile: int, quality: int) -> Path:
@@ -155,8 +170,9 @@ def raw_decode(path: Path, level: int, y: int, x: int, h: int, w: int) -> Callab
     page = tif.pages[page_index]
     th, tw = page.tilelength, page.tilewidth
     across = math.ceil(page.imagewidth / tw)
-    indices = [ty * across + tx for ty in range(y // th, (y + h - 1) // th + 1)
-               for tx in range(x // tw, (x + w - 1) // tw + 1)]
+    indices = [
+        ty * across + tx for ty in range(y // th, (y + h - 1) // th + 1) for tx in range(x // tw, (x + w - 1) // tw + 1)
+    ]
     offsets, counts = page.dataoffsets, page.databytecounts
     decode, tables = page.decode, page.jpegtables
     fd = os.open(path, os.O_RDONLY)
@@ -168,8 +184,9 @@ def raw_decode(path: Path, level: int, y: int, x: int, h: int, w: int) -> Callab
     return run
 
 
-def step_reads(slide: Slide, crop: int, tile: int, backward_tile: int, augment: bool
-               ) -> tuple[Callable[[], None], int, int]:
+def step_reads(
+    slide: Slide, crop: int, tile: int, backward_tile: int, augment: bool
+) -> tuple[Callable[[], None], int, int]:
     """(run, tile pixels read, tiles): the reads of one streamed training step of a crop,
     through an AugmentedView with a flip and a quarter turn if `augment`."""
     from torch_impl.models.resnet import resnet34_trunk
@@ -195,22 +212,29 @@ def step_reads(slide: Slide, crop: int, tile: int, backward_tile: int, augment: 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "streamingclam-bench",
-                        help="where the synthetic slide is written and reused (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "streamingclam-bench",
+        help="where the synthetic slide is written and reused (default: %(default)s)",
+    )
     parser.add_argument("--size", type=int, default=32768, help="level-0 side, pixels (multiple of 4096)")
     parser.add_argument("--tile", type=int, default=512, help="TIFF tile side, pixels")
     parser.add_argument("--quality", type=int, default=80, help="JPEG quality")
     parser.add_argument("--region", type=int, default=4096, help="side of the region read, pixels")
-    parser.add_argument("--mpp-resampled", type=float, default=0.7,
-                        help="um/px of the resampled read (no level within 10%%)")
+    parser.add_argument(
+        "--mpp-resampled", type=float, default=0.7, help="um/px of the resampled read (no level within 10%%)"
+    )
     parser.add_argument("--threads", type=int, default=usable_cores(), help="the N of the N-thread rows")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (best is kept)")
     parser.add_argument("--step-crop", type=int, default=16384, help="training crop side at 0.5 um/px")
     parser.add_argument("--step-tile", type=int, default=5760, help="forward tile of the trunk")
     parser.add_argument("--step-backward-tile", type=int, default=None, help="backward tile (default: --step-tile)")
-    parser.add_argument("--step-openslide", action="store_true",
-                        help="also time the step's reads through OpenSlide (slow: ~1 min per run)")
+    parser.add_argument(
+        "--step-openslide",
+        action="store_true",
+        help="also time the step's reads through OpenSlide (slow: ~1 min per run)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # No benchmarks.allocator.keep_freed_memory here: with glibc's mmap threshold raised,
@@ -227,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[tuple[str, float, float, float]] = []  # name, Mpx/s, wall, cpu
 
-    def add(name: str, fn: Callable[[], object], pixels: int, repeat: int = args.repeat
-            ) -> tuple[float, float]:
+    def add(name: str, fn: Callable[[], object], pixels: int, repeat: int = args.repeat) -> tuple[float, float]:
         wall, cpu = best_of(fn, repeat)
         rows.append((name, pixels / wall / 1e6, wall, cpu))
         log.info("%-60s %8.1f Mpx/s", name, pixels / wall / 1e6)
@@ -249,37 +272,51 @@ def main(argv: list[str] | None = None) -> int:
             timings[threads] = add(f"Slide.read, fast reader, {threads} thread(s)", lambda: s.read(y, x, r, r), px)
     one_cpu, one_wall, many_wall = timings[1][1], timings[1][0], timings[n][0]
     with TiffPyramid(path, threads=1) as tiff:
-        add("TiffPyramid.read, RGBX (h, w, 4) output, 1 thread",
-            lambda: tiff.read(1, y, x, r, r, layout="rgbx"), px)
+        add("TiffPyramid.read, RGBX (h, w, 4) output, 1 thread", lambda: tiff.read(1, y, x, r, r, layout="rgbx"), px)
     for backend, threads in (("openslide", 1), ("tiff", 1), ("tiff", n)):
         with Slide(path, mpp=args.mpp_resampled, backend=backend, threads=threads) as s:
             fy, fx = s.resample
             yr, xr = int(y / fy), int(x / fx)
-            add(f"resampled {fy:.2f}x, {backend}, {threads} thread(s)",
-                lambda s=s, yr=yr, xr=xr: s.read(yr, xr, r, r), px, 1 if backend == "openslide" else args.repeat)
+            add(
+                f"resampled {fy:.2f}x, {backend}, {threads} thread(s)",
+                lambda s=s, yr=yr, xr=xr: s.read(yr, xr, r, r),
+                px,
+                1 if backend == "openslide" else args.repeat,
+            )
     crop = args.step_crop
     back = args.step_backward_tile or args.step_tile
     steps = [("openslide", 1, False)] if args.step_openslide else []
     for backend, threads, augment in steps + [("tiff", 1, False), ("tiff", n, False), ("tiff", n, True)]:
         with Slide(path, mpp=0.5, backend=backend, threads=threads) as s:
             run, tile_px, n_tiles = step_reads(s, crop, args.step_tile, back, augment)
-            add(f"step {crop}^2 ({n_tiles} tiles, {tile_px / crop**2:.2f}x), "
-                f"{'flip+rot90 CPU' if augment else 'no aug'}, {backend}, {threads} thr", run, crop * crop, 1)
+            add(
+                f"step {crop}^2 ({n_tiles} tiles, {tile_px / crop**2:.2f}x), "
+                f"{'flip+rot90 CPU' if augment else 'no aug'}, {backend}, {threads} thr",
+                run,
+                crop * crop,
+                1,
+            )
     osr.close()
     load1 = os.getloadavg()
 
     print()
-    print(f"slide {path.name}: {args.size}^2 at {MPP0} um/px, {args.tile}-px JPEG tiles (q{args.quality});"
-          f" region {r}^2 at level 1 (0.5 um/px), {(r // args.tile) ** 2} tiles; {usable_cores()} usable"
-          f" cores; load average {load0[0]:.2f} before, {load1[0]:.2f} after")
+    print(
+        f"slide {path.name}: {args.size}^2 at {MPP0} um/px, {args.tile}-px JPEG tiles (q{args.quality});"
+        f" region {r}^2 at level 1 (0.5 um/px), {(r // args.tile) ** 2} tiles; {usable_cores()} usable"
+        f" cores; load average {load0[0]:.2f} before, {load1[0]:.2f} after"
+    )
     print(f"{'path':<66} {'Mpx/s':>8} {'x anchor':>9} {'wall s':>8} {'CPU s':>8}")
     for name, rate, wall, cpu in rows:
         print(f"{name:<66} {rate:8.1f} {rate / anchor:9.2f} {wall:8.3f} {cpu:8.3f}")
     ratio1, ratio2 = anchor_cpu / one_cpu, one_wall / many_wall
-    print(f"target 1: fast reader 1 thread / anchor, by CPU time = {ratio1:.2f} (>= 0.7: "
-          f"{'met' if ratio1 >= 0.7 else 'NOT met'})")
-    print(f"target 2: fast reader {n} threads / 1 thread, by wall time = {ratio2:.2f} (>= 1.7 on 2 idle "
-          f"cores: {'met' if ratio2 >= 1.7 else 'NOT met'}{'' if n == 2 else f'; measured with {n} threads'})")
+    print(
+        f"target 1: fast reader 1 thread / anchor, by CPU time = {ratio1:.2f} (>= 0.7: "
+        f"{'met' if ratio1 >= 0.7 else 'NOT met'})"
+    )
+    print(
+        f"target 2: fast reader {n} threads / 1 thread, by wall time = {ratio2:.2f} (>= 1.7 on 2 idle "
+        f"cores: {'met' if ratio2 >= 1.7 else 'NOT met'}{'' if n == 2 else f'; measured with {n} threads'})"
+    )
     print("step rows: tile reads of one forward + backward plan; colour jitter left out (CPU today)")
     return 0
 

