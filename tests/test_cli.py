@@ -486,7 +486,7 @@ def test_summary_format():
         "attention AUC, lesion vs other tissue: test_002 0.995, test_004 0.854, test_007 undefined",
         "run folder: demo_run/train (config.json, splits.csv, metrics.csv, train.log, last.pt, best.pt)",
         "evaluation: demo_run/eval (predictions.csv, metrics.json, roc.png, attention/)",
-        "heatmaps: demo_run/heatmaps (<slide>_heatmap.png, <slide>_attention.tif)",
+        "heatmaps: demo_run/heatmaps (<slide>_heatmap.png, <slide>_attention.tif, <slide>_attention.geojson)",
     ]
     undefined = {**SUMMARY, "auc": None, "auc_ci95": None, "accuracy": None, "attention_auc": {}}
     assert format_summary(undefined).splitlines()[1:3] == [

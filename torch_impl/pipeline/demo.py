@@ -221,7 +221,7 @@ SUMMARY_FORMAT = (
     "attention AUC, lesion vs other tissue: {attention}",
     "run folder: {train_dir} (config.json, splits.csv, metrics.csv, train.log, last.pt, best.pt)",
     "evaluation: {eval_dir} (predictions.csv, metrics.json, roc.png, attention/)",
-    "heatmaps: {heatmap_dir} (<slide>_heatmap.png, <slide>_attention.tif)",
+    "heatmaps: {heatmap_dir} (<slide>_heatmap.png, <slide>_attention.tif, <slide>_attention.geojson)",
 )
 
 
