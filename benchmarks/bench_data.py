@@ -24,9 +24,9 @@ tile-aligned, so it covers exactly 64 tiles), in megapixels per second of return
                   16384 x 16384 crop at 0.5 um/px (the whole level), through the engine's own
                   prefetching reader (LazySource + prefetched): the reads alone ("no aug"),
                   and seen through today's AugmentedView with a flip and a quarter turn done
-                  on the CPU ("flip+rot90 CPU"). No colour jitter: the HSV jitter runs on the
-                  CPU in NumPy today (2.6 Mpx/s in the issue) and is to move to the GPU, so
-                  it is left out. Rate = crop pixels per second (the plans read overlapping
+                  on the CPU ("flip+rot90 CPU"). No colour jitter: training runs it per tile on
+                  the device (DeviceAugmentedView; bench_data_path.py measures it), so it is
+                  left out. Rate = crop pixels per second (the plans read overlapping
                   tiles: the row says how many tile pixels per crop pixel).
 
 Each row is the best of --repeat runs by wall time (default allocator: each read allocates
@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         f"target 2: fast reader {n} threads / 1 thread, by wall time = {ratio2:.2f} (>= 1.7 on 2 idle "
         f"cores: {'met' if ratio2 >= 1.7 else 'NOT met'}{'' if n == 2 else f'; measured with {n} threads'})"
     )
-    print("step rows: tile reads of one forward + backward plan; colour jitter left out (CPU today)")
+    print(
+        "step rows: tile reads of one forward + backward plan; colour jitter left out (it runs per tile on the device: bench_data_path.py)"
+    )
     return 0
 
 
