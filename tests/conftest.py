@@ -1,6 +1,7 @@
 """Hypothesis profiles: `ci` (derandomized, >= 200 examples) when CI is set, `dev` otherwise.
 
-Select another with HYPOTHESIS_PROFILE=thorough for long runs.
+Select another with HYPOTHESIS_PROFILE=thorough for long runs. Fixtures that modules request
+by name: `single_torch_thread`, `restore_logging`.
 """
 
 import os
@@ -25,3 +26,24 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_logging():
+    """Give a test the logging state it found: the root logger's handlers and level and the
+    console set-up of ``torch_impl.pipeline.logs`` (``cli.main`` sets up logging for the
+    process). Modules that call ``cli.main`` request it for every test with
+    ``pytestmark = pytest.mark.usefixtures("restore_logging")``."""
+    import logging
+
+    from torch_impl.pipeline import logs
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    console, verbosity = logs._console, logs._verbosity
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logs._console, logs._verbosity = console, verbosity

@@ -66,18 +66,7 @@ OLD_TRAIN_OPTIONS = (
 ).split()
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main sets up logging for the process; give every test the state it found."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    console, verbosity = logs._console, logs._verbosity
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    logs._console, logs._verbosity = console, verbosity
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main sets up logging for the process
 
 
 def parse(*argv: str) -> TrainConfig:

@@ -8,44 +8,27 @@ that is not one of the expected kinds, or a ValueError from inside numpy) keeps 
 traceback and is not turned into status 2.
 
 Oracle: the rows name the file or option that is wrong; the answer must contain it. Data:
-the tiny synthetic CAMELYON16 and a 2-channel-wide model, as in tests/test_evaluate.py.
+the tiny synthetic CAMELYON16 and the 2-channel-wide model of tests/model_fixtures.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tests.data_fixtures import make_tiny_camelyon
-from torch_impl.models.streaming_clam import ModelConfig, build_model
-from torch_impl.pipeline import cli, logs
+from tests.model_fixtures import MPP, cpu_options, save_tiny_checkpoint, tiny_model
+from torch_impl.pipeline import cli
 from torch_impl.pipeline.predict import predict_file, save_prediction
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m torch_impl"
-MPP = 0.5
-CONFIG = ModelConfig(width=2, tile_size=1024, hidden_dim=8, attention_dim=4, pool="max", pool_size=2)
 
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main sets up logging for the process; give every test the state it found."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    console, verbosity = logs._console, logs._verbosity
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    logs._console, logs._verbosity = console, verbosity
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main sets up logging for the process
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +36,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """The inputs of the rows: good ones (data, a checkpoint, a saved attention map) and bad ones."""
     root = tmp_path_factory.mktemp("cli_errors")
     make_tiny_camelyon(root / "data")
-    torch.manual_seed(0)
-    model = build_model(CONFIG).eval()
-    checkpoint = root / "model.pt"
-    torch.save(
-        {"model": model.state_dict(), "model_config": dataclasses.asdict(CONFIG), "train_config": {"mpp": MPP}},
-        checkpoint,
-    )
+    model = tiny_model()
+    checkpoint = save_tiny_checkpoint(root / "model.pt", model)
     (root / "text.pt").write_text("not a checkpoint\n")
     data = checkpoint.read_bytes()
     (root / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -113,12 +91,7 @@ ROWS = [
         lambda f: [
             "predict",
             str(f["images"]),
-            "--checkpoint",
-            str(f["checkpoint"]),
-            "--out",
-            str(f["root"] / "p"),
-            "--device",
-            "cpu",
+            *cpu_options(f["checkpoint"], f["root"] / "p"),
             "--mpp",
             "-1",
         ],
@@ -129,12 +102,7 @@ ROWS = [
         lambda f: [
             "predict",
             str(f["root"] / "empty"),
-            "--checkpoint",
-            str(f["checkpoint"]),
-            "--out",
-            str(f["root"] / "p"),
-            "--device",
-            "cpu",
+            *cpu_options(f["checkpoint"], f["root"] / "p"),
         ],
         "empty",
     ),
@@ -144,12 +112,7 @@ ROWS = [
             "heatmap",
             "--slide",
             str(f["images"] / "test_404.tif"),
-            "--checkpoint",
-            str(f["checkpoint"]),
-            "--out",
-            str(f["root"] / "h"),
-            "--device",
-            "cpu",
+            *cpu_options(f["checkpoint"], f["root"] / "h"),
         ],
         "test_404.tif",
     ),

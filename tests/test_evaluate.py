@@ -13,7 +13,6 @@ a second run for determinism. Slides are the tiny synthetic CAMELYON16 (1024 px 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import shutil
@@ -22,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.data_fixtures import TINY, make_tiny_camelyon
-from torch_impl.models.streaming_clam import ModelConfig, build_model
+from tests.model_fixtures import CONFIG, MPP, cpu_options, save_tiny_checkpoint, tiny_model
 from torch_impl.pipeline.checkpoint import load_model
 from torch_impl.pipeline.evaluate import bootstrap_auc_ci, evaluate_run, main_evaluate, roc_curve
 from torch_impl.pipeline.heatmap import (
@@ -46,9 +44,6 @@ from torch_impl.pipeline.runtime import BadSlideError
 from torch_impl.slides import discover, make_splits, read_lesions
 from torch_impl.slides.synthetic import slide_seed, synthesize_slide
 
-MPP = 0.5  # working resolution of the tests: the 1024-px slides become 512 px
-CONFIG = ModelConfig(width=2, tile_size=1024, hidden_dim=8, attention_dim=4, pool="max", pool_size=2)
-
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
@@ -60,25 +55,12 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = build_model(CONFIG)
-    with torch.no_grad():  # random trunk features are huge: shrink the logits off saturation
-        net.head.classifiers.weight.mul_(0.01)
-    return net.eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "model_config": dataclasses.asdict(CONFIG),
-            "train_config": {"mpp": MPP, "max_size": 4096},
-        },
-        path,
-    )
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", model)
 
 
 @pytest.fixture(scope="module")
@@ -208,12 +190,7 @@ def test_bad_slide_raises_or_is_skipped_cli(data_root, checkpoint, tmp_path):
             [
                 "--data",
                 str(root),
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
+                *cpu_options(checkpoint, out),
                 "--skip-bad-slides",
                 "--bootstrap",
                 "50",
@@ -409,12 +386,7 @@ def test_main_heatmap_cli(run, data_root, checkpoint, tmp_path):
             [
                 "--slide",
                 str(slide),
-                "--out",
-                str(tmp_path / "model"),
-                "--checkpoint",
-                str(checkpoint),
-                "--device",
-                "cpu",
+                *cpu_options(checkpoint, tmp_path / "model"),
                 "--amp",
                 "off",
             ]

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from matplotlib.path import Path as MplPath
 
 from tests.data_fixtures import make_tiny_camelyon
-from torch_impl.models.streaming_clam import ModelConfig, build_model
+from tests.model_fixtures import CONFIG, MPP, cpu_options, save_tiny_checkpoint, tiny_model
 from torch_impl.pipeline.cli import main as cli_main
 from torch_impl.pipeline.config import TrainConfig
 from torch_impl.pipeline.evaluate import evaluate_run
@@ -52,9 +52,6 @@ from torch_impl.slides import discover
 from torch_impl.slides.augment import AugmentedView
 from torch_impl.slides.inputs import open_slide_input
 
-MPP = 0.5  # working resolution of the tests: the 1024-px slides become 512 px
-CONFIG = ModelConfig(width=2, tile_size=1024, hidden_dim=8, attention_dim=4, pool="max", pool_size=2)
-
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
@@ -66,25 +63,12 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = build_model(CONFIG)
-    with torch.no_grad():  # random trunk features are huge: shrink the logits off saturation
-        net.head.classifiers.weight.mul_(0.01)
-    return net.eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "model_config": dataclasses.asdict(CONFIG),
-            "train_config": {"mpp": MPP, "max_size": 4096},
-        },
-        path,
-    )
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", model)
 
 
 def _images(root: Path) -> Path:
@@ -369,12 +353,7 @@ def test_predict_cli_gives_evaluates_probabilities_and_heatmaps(data_root, check
             [
                 "predict",
                 str(_images(data_root)),
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
+                *cpu_options(checkpoint, out),
                 "--amp",
                 "off",
                 "--heatmaps",
