@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import functools
 import json
 import logging
 import os
@@ -39,8 +40,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.model_fixtures import tiny_train_config
 from torch_impl.models.resnet import load_weights, resnet34
-from torch_impl.models.streaming_clam import ModelConfig
 from torch_impl.pipeline import runtime
 from torch_impl.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from torch_impl.pipeline.config import TrainConfig, load_config, smallest_tile_size, validate_config
@@ -83,19 +84,7 @@ class World:
         return self.run / "best.pt"
 
 
-def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
-    base = TrainConfig(
-        data_dir=str(data),
-        out_dir=str(out),
-        model=ModelConfig(width=8, hidden_dim=16, attention_dim=8, pool=None, tile_size=1024),
-        mpp=1.0,
-        val_fraction=0.34,
-        epochs=1,
-        head_only_epochs=1,
-        lr=3e-3,
-        progress=False,
-    )
-    return replace(base, **changes)
+tiny_config = functools.partial(tiny_train_config, width=8)  # (data, out, **changes): 1 epoch, width 8
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.model_fixtures import tiny_train_config
 from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM
 from torch_impl.pipeline.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from torch_impl.pipeline.config import TrainConfig, config_from_dict, load_config, validate_config
@@ -345,20 +347,9 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(data_root: Path, out: Path, **changes) -> TrainConfig:
-    """Width-4 ResNet-34 at 1 um/px; 2 + 2 training and 1 + 1 validation slides."""
-    base = TrainConfig(
-        data_dir=str(data_root),
-        out_dir=str(out),
-        model=ModelConfig(width=4, hidden_dim=16, attention_dim=8, pool=None, tile_size=1024),
-        mpp=1.0,
-        val_fraction=0.34,
-        epochs=2,
-        head_only_epochs=1,
-        lr=3e-3,
-        progress=False,
-    )
-    return replace(base, **changes)
+#: tiny_config(data_root, out, **changes): width-4 ResNet-34 at 1 um/px for 2 epochs; on
+#: data_root, 2 + 2 training and 1 + 1 validation slides.
+tiny_config = functools.partial(tiny_train_config, width=4, epochs=2)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
