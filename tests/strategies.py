@@ -1,4 +1,5 @@
-"""Hypothesis strategies for random per-axis geometries (shared by the geometry tests)."""
+"""Hypothesis strategies shared by several test modules: random per-axis geometries (the
+geometry tests) and random augmentations (the training and device data path tests)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,21 @@ def reference_networks(draw, in_channels: int = 2, linear: bool = False):
             net.append(L.Residual(L.Sequential(main), shortcut))
             c = c_out
     return L.Sequential(net)
+
+
+def augment_params(saturation_value: float):
+    """Random ``AugmentParams``: any flips and quarter turns; no colour jitter, or hue shift in
+    [-0.5, 0.5] and saturation and value shifts in [-saturation_value, saturation_value]."""
+    from torch_impl.slides.augment import AugmentParams  # imports torch: only when asked for
+
+    bound = saturation_value
+    return st.builds(
+        AugmentParams,
+        flip_v=st.booleans(),
+        flip_h=st.booleans(),
+        rot90_k=st.integers(0, 3),
+        hsv_shift=st.one_of(
+            st.just((0.0, 0.0, 0.0)),
+            st.tuples(st.floats(-0.5, 0.5), st.floats(-bound, bound), st.floats(-bound, bound)),
+        ),
+    )

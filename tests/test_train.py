@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.model_fixtures import tiny_train_config
+from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM
 from torch_impl.pipeline.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from torch_impl.pipeline.config import TrainConfig, config_from_dict, load_config, validate_config
@@ -72,16 +73,7 @@ def whole_transform(image: np.ndarray, p: AugmentParams) -> np.ndarray:
     return jitter_hsv(a, p.hsv_shift) if any(p.hsv_shift) else a
 
 
-params_strategy = st.builds(
-    AugmentParams,
-    flip_v=st.booleans(),
-    flip_h=st.booleans(),
-    rot90_k=st.integers(0, 3),
-    hsv_shift=st.one_of(
-        st.just((0.0, 0.0, 0.0)),
-        st.tuples(st.floats(-0.5, 0.5), st.floats(-0.9, 0.9), st.floats(-0.9, 0.9)),
-    ),
-)
+params_strategy = augment_params(saturation_value=0.9)
 
 
 @given(
