@@ -60,6 +60,22 @@ def write_levels(path: Path, levels: list[np.ndarray], tile: tuple[int, int], co
     return path
 
 
+def write_page(path: Path, data, **options) -> Path:
+    """One tiled page (128 x 128 tiles) at MPP0 um/px; ``options`` (photometric, compression,
+    ...) go to ``tifffile.imwrite``."""
+    px_per_cm = 1e4 / MPP0
+    tifffile.imwrite(
+        path,
+        data,
+        tile=(128, 128),
+        resolution=(px_per_cm, px_per_cm),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+        **options,
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiff_reader")
@@ -80,18 +96,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
             for j in range(3):
                 yield None if (i, j) == (1, 1) else padded[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)]
 
-    out["sparse"] = root / "sparse.tif"
-    tifffile.imwrite(
-        out["sparse"],
-        tiles(),
-        shape=(300, 350, 3),
-        dtype=np.uint8,
-        tile=(128, 128),
-        photometric="rgb",
-        compression="jpeg",
-        resolution=(4e4, 4e4),
-        resolutionunit="CENTIMETER",
-        metadata=None,
+    out["sparse"] = write_page(
+        root / "sparse.tif", tiles(), shape=(300, 350, 3), dtype=np.uint8, photometric="rgb", compression="jpeg"
     )
     return out
 
@@ -155,26 +161,9 @@ def test_pages_the_reader_cannot_decode_fall_back_to_openslide(tmp_path, kind):
     rgb = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     path = tmp_path / f"{kind}.tif"
     if kind == "gray":
-        tifffile.imwrite(
-            path,
-            rgb[..., 0],
-            tile=(128, 128),
-            photometric="minisblack",
-            resolution=(4e4, 4e4),
-            resolutionunit="CENTIMETER",
-            metadata=None,
-        )
+        write_page(path, rgb[..., 0], photometric="minisblack")
     else:
-        tifffile.imwrite(
-            path,
-            rgb.transpose(2, 0, 1),
-            tile=(128, 128),
-            photometric="rgb",
-            planarconfig="separate",
-            resolution=(4e4, 4e4),
-            resolutionunit="CENTIMETER",
-            metadata=None,
-        )
+        write_page(path, rgb.transpose(2, 0, 1), photometric="rgb", planarconfig="separate")
     with Slide(path, mpp=0.25) as s:  # auto: OpenSlide serves it, pixels as before
         assert s.backend == "openslide"
         expected = rgb[..., :1].repeat(3, axis=2) if kind == "gray" else rgb
