@@ -50,14 +50,7 @@ from torch_impl.slides.augment import (
 )
 from torch_impl.slides.synthetic import write_pyramid_tiff
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP worker wake-ups cost more than they save (and stall on busy CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ============================================================================ augmentation
