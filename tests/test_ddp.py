@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from torch_impl.pipeline.checkpoint import load_checkpoint
 from torch_impl.pipeline.train import main_train
@@ -26,12 +25,7 @@ from torch_impl.slides import make_demo_data
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_two_processes_take_the_step_of_one_process_accumulating_both_slides(tmp_path):
