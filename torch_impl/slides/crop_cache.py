@@ -54,6 +54,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .slide import ImageSource
 
@@ -283,11 +284,12 @@ class CropCache:
                 raise RuntimeError(f"{self!r} was closed while it was being read")
             r0, r1 = self._bands[k]
             try:
-                band = self._read_band(r0, r1)
-                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                    self._buffer[:, r0:r1].copy_(band)
-                    if self._stream is not None:
-                        self._stream.synchronize()  # on the GPU before any reader slices it
+                with record_function("slides.decode"):  # the band's read and its copy into the buffer
+                    band = self._read_band(r0, r1)
+                    with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                        self._buffer[:, r0:r1].copy_(band)
+                        if self._stream is not None:
+                            self._stream.synchronize()  # on the GPU before any reader slices it
             except BaseException as error:
                 self._error = error
                 raise
