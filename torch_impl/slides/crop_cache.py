@@ -241,7 +241,8 @@ class CropCache:
         if h < 0 or w < 0:
             raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
         if self.mode == "none":
-            return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))
+            with record_function("slides.decode"):
+                return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))
         buffer = self._buffer
         if buffer is None:
             raise RuntimeError(f"{self!r} is closed: read it inside its `with` block")
@@ -275,7 +276,8 @@ class CropCache:
         last bands); the others wait for it. After a failed band read, raises that error."""
         if self._loaded[k]:
             return
-        with self._locks[k]:
+        # the range also covers waiting for a band that another thread is decoding
+        with record_function("slides.decode"), self._locks[k]:
             if self._loaded[k]:
                 return
             if self._error is not None:
@@ -284,12 +286,11 @@ class CropCache:
                 raise RuntimeError(f"{self!r} was closed while it was being read")
             r0, r1 = self._bands[k]
             try:
-                with record_function("slides.decode"):  # the band's read and its copy into the buffer
-                    band = self._read_band(r0, r1)
-                    with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                        self._buffer[:, r0:r1].copy_(band)
-                        if self._stream is not None:
-                            self._stream.synchronize()  # on the GPU before any reader slices it
+                band = self._read_band(r0, r1)
+                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                    self._buffer[:, r0:r1].copy_(band)
+                    if self._stream is not None:
+                        self._stream.synchronize()  # on the GPU before any reader slices it
             except BaseException as error:
                 self._error = error
                 raise
