@@ -24,10 +24,12 @@ Ranges nest (a tile read contains its augmentation, which contains the decode); 
 of a thread counts for the innermost range. Columns:
 
     step s      time on the step's own threads (those that run the trunk, the head or the
-                optimizer: the main thread, and on CUDA autograd's device thread); their
-                shares of the wall time add up to 100% with "other / waiting" = wall minus
-                the rest (unnamed work such as the normalisation of tiles, the tissue mask
-                on the feature grid, the loss, and waiting for tiles or for the GPU)
+                optimizer: the main thread, and on CUDA autograd's device thread), with two
+                more rows: "other ops" = operators outside the named ranges (the
+                normalisation of tiles, the loss, the gradients' checks and sums) and
+                "waiting, Python" = wall minus all the rest (waiting for tiles, for the
+                GPU, Python work without operators such as the tissue mask on the feature
+                grid); the shares add up to 100%
     bg s        time of the same ranges on background threads (the engine's tile readers,
                 the crop cache's filler), which overlaps the step's threads: it costs wall
                 time only where the step waits for it (then it shows as "other / waiting")
@@ -110,6 +112,8 @@ TRUNK_NODE = "_StreamedTrunk"
 STEP_CATEGORIES = ("trunk forward", "trunk backward", "head", "optimizer")
 COMPUTE = ("trunk forward", "trunk backward", "head")
 TARGET = 0.25
+#: Operators outside the named ranges (the normalisation of tiles, the loss, ...).
+OTHER_OPS = "other ops"
 
 #: Device-dependent defaults: (width, dtype, tile, backward tile, crop).
 DEFAULTS = {"cpu": (8, "fp32", 2048, None, 4096), "cuda": (64, "bf16", 5760, 2880, 16384)}
@@ -150,7 +154,9 @@ def split(events) -> Split:
     """Attribute every moment of every thread (and every kernel) to the innermost named range.
 
     ``events``: ``profile.events()``. A thread is one of the step's threads if it runs any
-    of :data:`STEP_CATEGORIES`.
+    of :data:`STEP_CATEGORIES`. Operators (``aten::``) outside every named range and every
+    other operator count as :data:`OTHER_OPS`; what is left of a thread's time is Python
+    work without operators, or waiting.
     """
     by_thread = defaultdict(list)  # thread -> [(start us, end us, category, device us)]
     gpu_total = 0.0
@@ -158,7 +164,7 @@ def split(events) -> Split:
         if e.device_type != DeviceType.CPU:
             continue
         gpu_total += _device_us(e, self_only=True)
-        cat = category(e.name)
+        cat = category(e.name) or (OTHER_OPS if e.name.startswith("aten::") else None)
         if cat is not None:
             node = e.name.startswith(BACKWARD_NODE)
             by_thread[e.thread].append((e.time_range.start, e.time_range.end, cat, _device_us(e), node))
@@ -170,8 +176,8 @@ def split(events) -> Split:
         for start, end, cat, dev, node in intervals:
             while stack and stack[-1][1] <= start:
                 stack.pop()
-            if node and stack:  # a backward node inside a named range: the trunk's per-tile backward
-                continue
+            if stack and (node or cat == OTHER_OPS):
+                continue  # the trunk's per-tile backward nodes; an operator inside a range or another operator
             if stack:  # nested: its time is not its parent's own time
                 parent = stack[-1][2]
                 own[parent] -= end - start
@@ -331,13 +337,13 @@ def print_table(args, device, path, wall, cpu, plain_wall, plain_cpu, parts: Spl
     if cuda:
         header += f" {'GPU s':>8} {'share':>7}"
     print(header)
-    rows = [*CATEGORIES, "other / waiting"]
-    named = sum(parts.step.values())
-    for row in rows:
-        on_step = wall - named if row == "other / waiting" else parts.step.get(row, 0.0)
+    waiting = "waiting, Python"
+    named_gpu = sum(parts.gpu.get(c, 0.0) for c in CATEGORIES)
+    for row in [*CATEGORIES, OTHER_OPS, waiting]:
+        on_step = wall - sum(parts.step.values()) if row == waiting else parts.step.get(row, 0.0)
         line = f"{row:<16} {on_step:8.2f} {100 * on_step / wall:6.1f}% {parts.background.get(row, 0.0):8.2f}"
-        if cuda:
-            g = parts.gpu_total - sum(parts.gpu.values()) if row == "other / waiting" else parts.gpu.get(row, 0.0)
+        if cuda:  # the GPU has no "waiting" row: its idle time is wall minus "GPU busy"
+            g = {OTHER_OPS: parts.gpu_total - named_gpu, waiting: 0.0}.get(row, parts.gpu.get(row, 0.0))
             line += f" {g:8.2f} {100 * g / wall:6.1f}%"
         print(line)
     if cuda:
