@@ -71,10 +71,7 @@ if __package__ in (None, ""):  # run as a script: the repository root and this f
 
 from bench_data import cached_slide  # noqa: E402
 
-from torch_impl.models.streaming_clam import (
-    ModelConfig,  # noqa: E402
-    build_model,  # noqa: E402
-)
+from torch_impl.models.streaming_clam import ModelConfig, build_model  # noqa: E402
 from torch_impl.pipeline.config import TrainConfig  # noqa: E402
 from torch_impl.pipeline.distributed import DistInfo  # noqa: E402
 from torch_impl.pipeline.train import (  # noqa: E402
