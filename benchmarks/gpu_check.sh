@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the CUDA tests, then the streaming benchmark at the sizes of
-# the H100 anchors in benchmarks/RESULTS.md, in bf16 and fp32, with a short table last.
+# the H100 anchors in benchmarks/RESULTS.md, in bf16 and fp32, then the slide data path and
+# one real training step on a slide file, with a short table last.
 #
-# Needs only a python3 with torch (and numpy) that sees a CUDA device; no network, nothing
-# installed from this repository. Run from the repository root:
+# Needs a python3 with torch (and numpy) that sees a CUDA device; steps 6-8 also need the
+# project's slide dependencies (tifffile, imagecodecs; openslide-python for step 6) and are
+# skipped with a message without them. No network, nothing installed from this repository.
+# Run from the repository root:
 #
-#     PYTHONPATH=. bash benchmarks/gpu_check.sh                # ~5-8 minutes on an H100
+#     PYTHONPATH=. bash benchmarks/gpu_check.sh                # ~5-8 minutes on an H100, then 6-8 if time is left
+#     PYTHONPATH=. bash benchmarks/gpu_check.sh --data-only    # steps 6-8 alone, ~4-6 minutes
 #     PYTHONPATH=. bash benchmarks/gpu_check.sh --with-65536   # adds 65536^2 streamed (bf16), ~3 more
 #
-# Steps (each under `timeout`, so the whole run stays within ~8 minutes; a step that times
+# Steps (each under `timeout`, so that steps 1-4 stay within ~8 minutes; a step that times
 # out is reported and the next one runs):
 #   1. python3 -m pytest tests -q -k cuda      (skipped with a message without pytest/hypothesis)
 #   2. bf16: 8192^2 plain vs streamed tile 5760; 16384^2 and 32768^2 streamed tile 5760
 #   3. fp32: the same
 #   4. fp32: tile 2880 at 8192^2 and 16384^2 (the anchors' second lightstream column), if time allows
 #   5. with --with-65536: bf16, 65536^2 streamed, tile 5760
+#   6. bench_data.py: writes the synthetic 32768^2 JPEG TIFF once (~15 s, one core) to the
+#      system's temporary folder, then the reader rates with 1 and all cores
+#   7. bench_data_path.py --device cuda --size 8192 --tile 5760 --repeat 1 (8192, not 16384:
+#      its NumPy reference path jitters colours at ~4 Mpx/s on one core, minutes at 16384)
+#   8. bench_train_step.py --device cuda: one bf16 training step, width 64, tiles 5760 / 2880,
+#      on the 16384^2 crop (0.5 um/px) of the 32768^2 slide file of step 6, split into its parts
+# Steps 6-8 run only while they fit in TOTAL_S seconds from the start (default 570, so that a
+# 10-minute slot holds the whole run); --data-only skips steps 1-5.
 # Logs go to $LOG_DIR (default /tmp/gpu_check.<date>); PYTHON overrides python3.
 
 set -u
@@ -22,11 +34,14 @@ set -u
 PY=${PYTHON:-python3}
 LOG_DIR=${LOG_DIR:-/tmp/gpu_check.$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-480}  # step 4 runs only if it fits in this many seconds from the start
+TOTAL_S=${TOTAL_S:-570}    # steps 6-8 run only if they fit in this many seconds from the start
 WITH_65536=0
+DATA_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --with-65536) WITH_65536=1 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --data-only) DATA_ONLY=1 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -58,6 +73,16 @@ run_step() {
 }
 
 time_left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+total_left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
+
+# run_if_time NAME TIMEOUT_S CMD...: run_step if TIMEOUT_S fits in what is left of TOTAL_S.
+run_if_time() {
+    if [ "$(total_left)" -ge "$2" ]; then
+        run_step "$@"
+    else
+        SUMMARY+=("$1: SKIPPED (time budget: $(total_left)s of TOTAL_S left, needs $2s; try --data-only)")
+    fi
+}
 
 # --------------------------------------------------------------------------- environment
 stamp "gpu_check: logs in $LOG_DIR"
@@ -73,7 +98,9 @@ fi
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader >>"$LOG_DIR/env.log" 2>&1 || true
 
 # --------------------------------------------------------------------------- 1. tests
-if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
+if [ "$DATA_ONLY" = 1 ]; then
+    SUMMARY+=("steps 1-5 (tests, bench_streaming): SKIPPED (--data-only)")
+elif "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
     run_step tests_cuda 100 "$PY" -m pytest tests -q -k cuda -p no:cacheprovider
     if grep -q "no tests ran\|deselected" "$LOG_DIR/tests_cuda.log" && ! grep -q " passed" "$LOG_DIR/tests_cuda.log"; then
         SUMMARY+=("tests_cuda: note: no test matched -k cuda")
@@ -85,15 +112,32 @@ fi
 
 # --------------------------------------------------------------------------- 2-5. benchmarks
 BENCH=("$PY" benchmarks/bench_streaming.py --device cuda --repeat 2)
-run_step bench_bf16 140 "${BENCH[@]}" --dtype bf16 --sizes 8192,16384,32768 --tiles 5760 --plain-max 8192
-run_step bench_fp32 160 "${BENCH[@]}" --dtype fp32 --sizes 8192,16384,32768 --tiles 5760 --plain-max 8192
-if [ "$(time_left)" -gt 80 ]; then
-    run_step bench_fp32_tile2880 80 "${BENCH[@]}" --dtype fp32 --sizes 8192,16384 --tiles 2880 --plain-max 8192
-else
-    SUMMARY+=("bench_fp32_tile2880: SKIPPED (time budget)")
+if [ "$DATA_ONLY" = 0 ]; then
+    run_step bench_bf16 140 "${BENCH[@]}" --dtype bf16 --sizes 8192,16384,32768 --tiles 5760 --plain-max 8192
+    run_step bench_fp32 160 "${BENCH[@]}" --dtype fp32 --sizes 8192,16384,32768 --tiles 5760 --plain-max 8192
+    if [ "$(time_left)" -gt 80 ]; then
+        run_step bench_fp32_tile2880 80 "${BENCH[@]}" --dtype fp32 --sizes 8192,16384 --tiles 2880 --plain-max 8192
+    else
+        SUMMARY+=("bench_fp32_tile2880: SKIPPED (time budget)")
+    fi
+    if [ "$WITH_65536" = 1 ]; then
+        run_step bench_bf16_65536 300 "${BENCH[@]}" --dtype bf16 --sizes 65536 --tiles 5760 --plain-max 0 --calibrate 8192
+    fi
 fi
-if [ "$WITH_65536" = 1 ]; then
-    run_step bench_bf16_65536 300 "${BENCH[@]}" --dtype bf16 --sizes 65536 --tiles 5760 --plain-max 0 --calibrate 8192
+
+# --------------------------------------------------------------------------- 6-8. data path, training step
+if "$PY" -c 'import tifffile, imagecodecs, torch_impl.pipeline.train' 2>/dev/null; then
+    if "$PY" -c 'import openslide' 2>/dev/null; then
+        run_if_time bench_data 150 "$PY" benchmarks/bench_data.py --size 32768
+    else
+        SUMMARY+=("bench_data: SKIPPED (openslide not importable); bench_train_step writes the slide itself")
+    fi
+    run_if_time bench_data_path_cuda 150 "$PY" benchmarks/bench_data_path.py --device cuda --size 8192 --tile 5760 --repeat 1
+    run_if_time bench_train_step_cuda 150 "$PY" benchmarks/bench_train_step.py --device cuda --width 64 --dtype bf16 \
+        --tile 5760 --backward-tile 2880 --size 32768 --crop 16384 --repeat 1
+else
+    stamp "tifffile, imagecodecs or torch_impl's dependencies missing (PYTHONPATH=. ?): steps 6-8 skipped"
+    SUMMARY+=("bench_data, bench_data_path_cuda, bench_train_step_cuda: SKIPPED (tifffile/imagecodecs/torch_impl not importable)")
 fi
 
 # --------------------------------------------------------------------------- summary
@@ -107,6 +151,10 @@ for log in "$LOG_DIR"/bench_*.log; do
     echo "### $(basename "$log" .log)"
     if grep -q '^## ' "$log"; then
         sed -n '/^## /,$p' "$log"  # the benchmark's final table and its tile shapes
+    elif grep -q '^slide .*um/px' "$log"; then
+        sed -n '/^slide .*um\/px/,$p' "$log"  # bench_data.py's table
+    elif grep -q '^(1) ' "$log"; then
+        sed -n '/^(1) /,$p' "$log"  # bench_data_path.py's two parts
     else
         grep -E ' step | OOM| skipped' "$log" || echo "(no result lines; see $log)"  # progress lines
     fi

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..streaming import StreamingTrunk
 from .clam import CLAMHead, CLAMMultiBranch, CLAMOutput, CLAMSingleBranch
@@ -101,7 +102,7 @@ class StreamingCLAM(nn.Module):
         features = self.features(slide)
         # The head runs in float32 even under autocast's bf16 trunk: attention softmax over
         # up to a million instances needs the precision.
-        with torch.autocast(features.device.type, enabled=False):
+        with torch.autocast(features.device.type, enabled=False), record_function("model.head"):
             head_dtype = next(self.head.parameters()).dtype
             return self.head(features.to(head_dtype), mask, label)
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -223,7 +224,8 @@ def learning_rate_factor(config: TrainConfig, epoch: int) -> float:
 # ----------------------------------------------------------------------------- one slide
 def _open(record: SlideRecord, config: TrainConfig, rng: np.random.Generator | None) -> SlideInput:
     """The slide's crop (random with ``rng``, else the whole tissue); BadSlideError if unusable."""
-    return open_slide(record.path, config.mpp, record.slide_id, max_size=config.max_size, rng=rng)
+    with record_function("slides.open"):  # the file, its tissue mask and the crop
+        return open_slide(record.path, config.mpp, record.slide_id, max_size=config.max_size, rng=rng)
 
 
 def _feature_mask(model: StreamingCLAM, view: AugmentedView, slide: SlideInput, record: SlideRecord) -> torch.Tensor:

@@ -54,6 +54,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from .slide import ImageSource
 
@@ -240,7 +241,8 @@ class CropCache:
         if h < 0 or w < 0:
             raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
         if self.mode == "none":
-            return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))
+            with record_function("slides.decode"):
+                return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))
         buffer = self._buffer
         if buffer is None:
             raise RuntimeError(f"{self!r} is closed: read it inside its `with` block")
@@ -274,7 +276,8 @@ class CropCache:
         last bands); the others wait for it. After a failed band read, raises that error."""
         if self._loaded[k]:
             return
-        with self._locks[k]:
+        # the range also covers waiting for a band that another thread is decoding
+        with record_function("slides.decode"), self._locks[k]:
             if self._loaded[k]:
                 return
             if self._error is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ..streaming.sources import to_device
 from .augment import AugmentedView, AugmentParams
@@ -80,7 +81,10 @@ class DeviceAugmentedView(AugmentedView):
             raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
         C, H, W = self.shape
         y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+        with (
+            torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(),
+            record_function("slides.augment"),
+        ):
             if y1 <= y0 or x1 <= x0:
                 return torch.full((C, h, w), 255, dtype=torch.uint8, device=self.device)
             block = self.source.read(*self.source_region(y0, x0, y1 - y0, x1 - x0))  # (3, ., .) original frame

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from reference.tiling import Tile
 
@@ -136,9 +137,10 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     read before it has arrived.
     """
     device = torch.device(device)
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        tensor = pinned(tensor)
-    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+    with record_function("streaming.transfer"):
+        if tensor.device.type == "cpu" and device.type == "cuda":
+            tensor = pinned(tensor)
+        return tensor.to(device, non_blocking=tensor.device.type == "cpu")
 
 
 class TensorSource:
@@ -228,10 +230,11 @@ class LazySource:
         device tensor stays on its device), host tiles pinned when a GPU is present."""
         rows, cols = tile.input_slices
         region = (rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)  # (y, x, h, w)
-        if hasattr(self.source, "read"):
-            pixels = self.source.read(*region)
-        else:
-            pixels = self.source[:, rows, cols]
+        with record_function("streaming.read"):
+            if hasattr(self.source, "read"):
+                pixels = self.source.read(*region)
+            else:
+                pixels = self.source[:, rows, cols]
         pixels = self._checked(pixels, region)
         tensor = (pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels))[None]  # (1, C, h, w)
         if tensor.device.type == "cpu":

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from reference.tiling import Tile, TilePlan, plan_tiles, size_pair
 
@@ -109,7 +110,8 @@ class StreamingTrunk(nn.Module):
     def _prepare(self, pixels: torch.Tensor, lazy: bool, device: torch.device) -> torch.Tensor:
         """The network input of one tile on ``device``, never sharing memory with ``pixels``
         (host or device tensor; a tile already on ``device`` is not moved)."""
-        x = pixels.to(device, non_blocking=True)
+        with record_function("streaming.transfer"):
+            x = pixels.to(device, non_blocking=True)
         if lazy:
             # into the trunk's dtype (autocast casts later)
             x = to_model_input(x, self.mean, self.std, dtype=self._dtype() or torch.float32)
@@ -136,10 +138,11 @@ class StreamingTrunk(nn.Module):
         y = None
         with torch.no_grad():
             for tile, x_tile in self._tiles(source, plan, device):
-                y_tile = self.module(x_tile)  # (N, C_out, h_out, w_out)
-                if y is None:
-                    y = y_tile.new_empty((*y_tile.shape[:2], *plan.output_size))
-                y[(..., *tile.output_slices)] = y_tile[(..., *tile.owned_slices)]
+                with record_function("streaming.forward"):
+                    y_tile = self.module(x_tile)  # (N, C_out, h_out, w_out)
+                    if y is None:
+                        y = y_tile.new_empty((*y_tile.shape[:2], *plan.output_size))
+                    y[(..., *tile.output_slices)] = y_tile[(..., *tile.owned_slices)]
         return y
 
     def stream_backward(
@@ -155,7 +158,7 @@ class StreamingTrunk(nn.Module):
         grads: list[torch.Tensor | None] = [None] * len(params)
         for tile, x_tile in self._tiles(source, plan, device):
             leaf = x_tile.detach().requires_grad_(input_grad)
-            with torch.enable_grad():
+            with torch.enable_grad(), record_function("streaming.backward"):
                 # a clone, not the leaf itself: autograd refuses in-place writes into a leaf
                 y_tile = self.module(leaf.clone() if input_grad else leaf)
                 owned = y_tile[(..., *tile.owned_slices)]
