@@ -336,10 +336,15 @@ def box_shrink_slow(src: np.ndarray, box, h: int, w: int) -> np.ndarray:
     def windows(n_in: int, in0: float, in1: float, n_out: int) -> list[list[int]]:
         f0, f1 = np.float32(in0), np.float32(in1)
         scale = float(np.float32(f1 - f0)) / n_out
-        return [
-            [i for i in range(n_in) if -0.5 < (i - (float(f0) + (j + 0.5) * scale) + 0.5) / max(scale, 1.0) <= 0.5]
-            for j in range(n_out)
-        ]
+        support, ss = 0.5 * max(scale, 1.0), 1.0 / max(scale, 1.0)  # PIL multiplies by the reciprocal
+        windows = []
+        for j in range(n_out):
+            center = float(f0) + (j + 0.5) * scale
+            # PIL first bounds the window by truncation, then tests each pixel: at ties the
+            # bounds decide, so both steps are written out as PIL's C code does them
+            lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+            windows.append([i for i in range(lo, hi) if -0.5 < (i - center + 0.5) * ss <= 0.5])
+        return windows
 
     px = src[..., :3].astype(int)
     cols = np.stack(
