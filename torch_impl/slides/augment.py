@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .slide import ImageSource
+from .slide import ImageSource, read_clipped
 from .tissue import mask_at_resolution
 
 __all__ = ["AugmentParams", "AugmentedView", "draw_augmentation", "rgb_to_hsv", "hsv_to_rgb", "jitter_hsv"]
@@ -209,16 +209,15 @@ class AugmentedView:
         if h < 0 or w < 0:
             raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
         C, H, W = self._shape
-        out = np.full((C, h, w), 255, dtype=self.dtype)
-        y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
-        if y1 <= y0 or x1 <= x0:
-            return out
-        block = self.source.read(*self.source_region(y0, x0, y1 - y0, x1 - x0))  # (3, ., .) original frame
-        block = self.transform_array(block)  # (3, y1 - y0, x1 - x0)
+        return read_clipped(y, x, h, w, H, W, self._read_inside, lambda: np.full((C, h, w), 255, dtype=self.dtype))
+
+    def _read_inside(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """(3, h, w) of a region inside the augmented image: the original block, transformed."""
+        block = self.source.read(*self.source_region(y, x, h, w))  # (3, ., .) original frame
+        block = self.transform_array(block)  # (3, h, w)
         if any(self.params.hsv_shift):
             block = jitter_hsv(block, self.params.hsv_shift)
-        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = block
-        return out
+        return block
 
     def feature_mask(self, slide_input: Any, feature_hw: tuple[int, int], stride: int) -> torch.Tensor:
         """(1, h', w') bool tissue mask on the feature grid of the *augmented* image.

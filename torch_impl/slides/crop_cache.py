@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from .slide import ImageSource
+from .slide import ImageSource, read_clipped
 
 __all__ = ["MODES", "CropCache", "available_host_memory", "choose_mode", "free_device_memory"]
 
@@ -247,16 +247,14 @@ class CropCache:
         if buffer is None:
             raise RuntimeError(f"{self!r} is closed: read it inside its `with` block")
         C, H, W = self._shape
-        y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
-        if y1 <= y0 or x1 <= x0:
-            return torch.full((C, h, w), 255, dtype=torch.uint8, device=buffer.device)
-        self._wait(y0, y1)
-        block = buffer[:, y0:y1, x0:x1]
-        if (y0, y1, x0, x1) == (y, y + h, x, x + w):
-            return block
-        out = torch.full((C, h, w), 255, dtype=torch.uint8, device=buffer.device)
-        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = block
-        return out
+
+        def inside(y0: int, x0: int, h0: int, w0: int) -> torch.Tensor:
+            self._wait(y0, y0 + h0)  # rows decoded (by the filler, or here)
+            return buffer[:, y0 : y0 + h0, x0 : x0 + w0]  # a view: no copy
+
+        return read_clipped(
+            y, x, h, w, H, W, inside, lambda: torch.full((C, h, w), 255, dtype=torch.uint8, device=buffer.device)
+        )
 
     def fill(self) -> CropCache:
         """Wait until the whole crop is decoded (reads do not need this); returns ``self``."""

@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from ..streaming.sources import to_device
 from .augment import AugmentedView, AugmentParams
 from .device_jitter import jitter_hsv_torch
-from .slide import ImageSource
+from .slide import ImageSource, read_clipped
 
 __all__ = ["DeviceAugmentedView"]
 
@@ -80,24 +80,31 @@ class DeviceAugmentedView(AugmentedView):
         if h < 0 or w < 0:
             raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
         C, H, W = self.shape
-        y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
         with (
             torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(),
             record_function("slides.augment"),
         ):
-            if y1 <= y0 or x1 <= x0:
-                return torch.full((C, h, w), 255, dtype=torch.uint8, device=self.device)
-            block = self.source.read(*self.source_region(y0, x0, y1 - y0, x1 - x0))  # (3, ., .) original frame
-            if not isinstance(block, torch.Tensor):
-                block = torch.from_numpy(np.ascontiguousarray(block))
-            block = self.transform_tensor(to_device(block, self.device))  # (3, y1 - y0, x1 - x0)
-            if any(self.params.hsv_shift):
-                block = jitter_hsv_torch(block, self.params.hsv_shift)
-            if (y0, y1, x0, x1) == (y, y + h, x, x + w):
-                return block
-            out = torch.full((C, h, w), 255, dtype=torch.uint8, device=self.device)
-            out[:, y0 - y : y1 - y, x0 - x : x1 - x] = block
-            return out
+            return read_clipped(
+                y,
+                x,
+                h,
+                w,
+                H,
+                W,
+                self._read_inside,
+                lambda: torch.full((C, h, w), 255, dtype=torch.uint8, device=self.device),
+            )
+
+    def _read_inside(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        """(3, h, w) on the device for a region inside the augmented image: the original block,
+        moved to the device, then flipped/rotated and jittered there."""
+        block = self.source.read(*self.source_region(y, x, h, w))  # (3, ., .) original frame
+        if not isinstance(block, torch.Tensor):
+            block = torch.from_numpy(np.ascontiguousarray(block))
+        block = self.transform_tensor(to_device(block, self.device))  # (3, h, w)
+        if any(self.params.hsv_shift):
+            block = jitter_hsv_torch(block, self.params.hsv_shift)
+        return block
 
     def __repr__(self) -> str:
         return f"DeviceAugmentedView({self.source!r}, {self.params}, device={self.device})"

@@ -93,17 +93,23 @@ def _check_region(y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
     return y, x, h, w
 
 
-def _paste_clipped(out: np.ndarray, y: int, x: int, H: int, W: int, reader) -> np.ndarray:
-    """Fill `out` (C, h, w), preset to white, with the part of region (y, x) inside [0,H)x[0,W).
+def read_clipped(y: int, x: int, h: int, w: int, H: int, W: int, reader, white):
+    """The (C, h, w) region (y, x, h, w) of an (H, W) image that pixels outside are white in.
 
-    `reader(y0, x0, h0, w0)` returns the (C, h0, w0) pixels of a region that lies fully
-    inside the image; it is called once, and not at all when the region misses the image.
+    ``reader(y0, x0, h0, w0)`` returns the (C, h0, w0) pixels of the part inside the image
+    (called once, and not at all when the region misses the image); ``white()`` makes the
+    (C, h, w) white canvas for the rest. A region inside the image is ``reader``'s block
+    itself (no second copy). Works alike for NumPy arrays and torch tensors.
     """
-    _, h, w = out.shape
     y0, y1 = max(y, 0), min(y + h, H)  # rows of the region inside the image
     x0, x1 = max(x, 0), min(x + w, W)
-    if y1 > y0 and x1 > x0:
-        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = reader(y0, x0, y1 - y0, x1 - x0)
+    if y1 <= y0 or x1 <= x0:
+        return white()
+    block = reader(y0, x0, y1 - y0, x1 - x0)
+    if (y0, y1, x0, x1) == (y, y + h, x, x + w):
+        return block
+    out = white()
+    out[:, y0 - y : y1 - y, x0 - x : x1 - x] = block
     return out
 
 
@@ -130,8 +136,16 @@ class ArrayImage:
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = _check_region(y, x, h, w)
         C, H, W = self._array.shape
-        out = np.full((C, h, w), 255, dtype=self._array.dtype)
-        return _paste_clipped(out, y, x, H, W, lambda y0, x0, h0, w0: self._array[:, y0 : y0 + h0, x0 : x0 + w0])
+        return read_clipped(
+            y,
+            x,
+            h,
+            w,
+            H,
+            W,
+            lambda y0, x0, h0, w0: self._array[:, y0 : y0 + h0, x0 : x0 + w0].copy(),  # never the array itself
+            lambda: np.full((C, h, w), 255, dtype=self._array.dtype),
+        )
 
 
 class RegionView:
@@ -160,16 +174,15 @@ class RegionView:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = _check_region(y, x, h, w)
-        if 0 <= y and y + h <= self.h and 0 <= x and x + w <= self.w:
-            return self.source.read(self.y0 + y, self.x0 + x, h, w)  # inside: no second copy
-        out = np.full((self.shape[0], h, w), 255, dtype=self.dtype)
-        return _paste_clipped(
-            out,
+        return read_clipped(
             y,
             x,
+            h,
+            w,
             self.h,
             self.w,
             lambda ya, xa, ha, wa: self.source.read(self.y0 + ya, self.x0 + xa, ha, wa),
+            lambda: np.full((self.shape[0], h, w), 255, dtype=self.dtype),
         )
 
     def __repr__(self) -> str:
