@@ -72,6 +72,7 @@ if __package__ in (None, ""):  # run as a script: the repository root and this f
 from bench_data import cached_slide  # noqa: E402
 
 from torch_impl.models.streaming_clam import ModelConfig, build_model  # noqa: E402
+from torch_impl.pipeline.calibration import calibrate_batchnorm, calibration_batch  # noqa: E402
 from torch_impl.pipeline.config import TrainConfig  # noqa: E402
 from torch_impl.pipeline.distributed import DistInfo  # noqa: E402
 from torch_impl.pipeline.train import (  # noqa: E402
@@ -80,8 +81,6 @@ from torch_impl.pipeline.train import (  # noqa: E402
     _optimizer_step,
     _set_phase,
     _train_slide,
-    calibrate_batchnorm,
-    calibration_batch,
     slide_rng,
 )
 from torch_impl.slides import SlideRecord  # noqa: E402

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from tests.model_fixtures import tiny_train_config
 from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, StreamingCLAM
+from torch_impl.pipeline.calibration import calibrate_batchnorm
 from torch_impl.pipeline.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from torch_impl.pipeline.config import TrainConfig, config_from_dict, load_config, validate_config
 from torch_impl.pipeline.distributed import shard
@@ -35,7 +36,6 @@ from torch_impl.pipeline.train import (
     BadSlideError,
     NonFiniteLossError,
     TrainingError,
-    calibrate_batchnorm,
     epoch_order,
     train,
 )

@@ -59,7 +59,7 @@ from ..slides.augment import AugmentedView, draw_augmentation
 from ..slides.crop_cache import CropCache
 from ..slides.device_view import DeviceAugmentedView
 from ..slides.inputs import SlideInput
-from ..streaming import to_model_input
+from .calibration import calibrate_batchnorm, calibration_batch
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
 from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, save_config, validate_config
 from .distributed import (
@@ -76,6 +76,7 @@ from .logs import QUIET, run_log, verbosity, verbosity_options
 from .metrics import accuracy, roc_auc
 from .options import OptionParser, add_dataclass_options, apply_options, field_paths, given_options
 from .predict import feature_mask, open_slide, predict_slides
+from .resume import check_resume, keep_previous_config
 from .run_lock import RunLock, RunLockedError
 from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype, remove_stale_temp_files
 from .runtime import autocast as _autocast
@@ -85,7 +86,6 @@ __all__ = [
     "BadSlideError",
     "NonFiniteLossError",
     "RunLockedError",
-    "ARCHITECTURE_FIELDS",
     "epoch_order",
     "train",
     "main_train",
@@ -107,37 +107,6 @@ METRIC_COLUMNS = (
     "val_accuracy",
     "val_slides",
     "seconds",
-)
-
-#: Settings that may change on --resume without breaking the exact continuation.
-_RESUMABLE_CHANGES = {
-    "epochs",
-    "device",
-    "progress",
-    "checkpoint_every",
-    "skip_bad_slides",
-    "out_dir",
-    "data_dir",
-    "slide_cache",
-}
-
-#: ModelConfig fields that --resume refuses to change: they change the network's parameters
-#: (their names or shapes: width, head, n_classes, hidden_dim, attention_dim, instance_loss,
-#: whose instance classifiers are parameters) or what its forward pass computes (pool,
-#: pool_size, dropout), so the weights in last.pt would not fit or would mean something
-#: else. Every other change (lr, epochs, tile sizes, k_sample, bag_weight, ...) only
-#: changes how the run goes on: accepted, with a warning that it is no longer an exact
-#: continuation.
-ARCHITECTURE_FIELDS = (
-    "width",
-    "head",
-    "n_classes",
-    "hidden_dim",
-    "attention_dim",
-    "instance_loss",
-    "pool",
-    "pool_size",
-    "dropout",
 )
 
 # Streams of the per-run seed sequence: np.random.default_rng([seed, stream, ...]).
@@ -329,72 +298,6 @@ def _optimizer_step(
     return group
 
 
-# ----------------------------------------------------------------------------- batch-norm start
-def calibrate_batchnorm(module: torch.nn.Module, batch: torch.Tensor) -> int:
-    """Data-dependent start for a randomly initialised trunk: set each batch norm's statistics
-    so that its input is standardised over ``batch``.
-
-    A random ResNet whose batch norms are frozen at (mean 0, var 1) is not normalised at all:
-    activations grow through the 16 residual blocks (feature magnitudes ~100 at the output),
-    the head's softmax saturates and training crawls. In one forward pass over ``batch``
-    (N, 3, h, w), a pre-hook on every ``nn.BatchNorm2d`` sets ``running_mean`` and
-    ``running_var`` to the per-channel mean and (biased) variance of its input before it is
-    applied, so every later layer already sees normalised inputs (the idea of LSUV
-    initialisation, Mishkin & Matas 2016, applied to the frozen statistics).
-
-    Returns the number of batch norms set. Affine weights and biases are left alone.
-    """
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-
-    def hook(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].double()  # (N, C, h, w)
-        bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False).clamp_min(bn.eps))
-
-    handles = [bn.register_forward_pre_hook(hook) for bn in norms]
-    try:
-        with torch.no_grad():
-            module(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return len(norms)
-
-
-def calibration_batch(
-    model: StreamingCLAM,
-    records: Sequence[SlideRecord],
-    config: TrainConfig,
-    device: torch.device,
-    n_slides: int = 8,
-    size: int = 256,
-) -> torch.Tensor:
-    """(N, 3, size, size) network input: the central ``size`` x ``size`` crop of the tissue of
-    up to ``n_slides`` training slides (alternating classes, sorted ids), normalised like tiles."""
-    by_label: dict[int, list[SlideRecord]] = {}
-    for r in sorted(records, key=lambda r: r.slide_id):
-        by_label.setdefault(r.label, []).append(r)
-    longest = max((len(v) for v in by_label.values()), default=0)
-    picked = [v[i] for i in range(longest) for v in by_label.values() if i < len(v)][:n_slides]  # round robin
-    crops = []
-    for record in picked:
-        try:
-            slide = _open(record, config, None)
-        except BadSlideError as e:
-            logger.warning("batch-norm calibration: skipping %s", e)
-            continue
-        try:
-            _, h, w = slide.source.shape
-            crops.append(slide.source.read((h - size) // 2, (w - size) // 2, size, size))  # (3, size, size) uint8
-        finally:
-            slide.close()
-    if not crops:
-        raise TrainingError("batch-norm calibration: no training slide could be read")
-    pixels = torch.from_numpy(np.stack(crops)).to(device)  # (N, 3, size, size) uint8
-    dtype = next(model.trunk.module.parameters()).dtype
-    return to_model_input(pixels, model.trunk.mean, model.trunk.std, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- validation
 def validate(
     model: StreamingCLAM,
@@ -510,79 +413,6 @@ class _TensorBoard:
             self.writer.close()
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    """{"model": {"width": 4}, "lr": 1} -> {"model.width": 4, "lr": 1}."""
-    flat = {k: v for k, v in config.items() if k != "model"}
-    model = config.get("model")
-    if isinstance(model, dict):
-        flat.update({f"model.{k}": v for k, v in model.items()})
-    return flat
-
-
-def _config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The settings that differ ("key: old -> new"), model settings as "model.NAME"."""
-    stored, current = _flatten(stored), _flatten(current)
-    changes = []
-    for key in sorted(set(stored) | set(current)):
-        if key in _RESUMABLE_CHANGES or stored.get(key) == current.get(key):
-            continue
-        changes.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
-    return changes
-
-
-def _architecture_changes(stored_model: dict[str, Any], model: dict[str, Any]) -> list[str]:
-    """The :data:`ARCHITECTURE_FIELDS` that differ: "model.NAME (--option) old -> new"."""
-    return [
-        f"model.{name} (--{name.replace('_', '-')}) {stored_model.get(name)!r} -> {model.get(name)!r}"
-        for name in ARCHITECTURE_FIELDS
-        if stored_model.get(name) != model.get(name)
-    ]
-
-
-def _check_resume(ckpt: dict[str, Any], config: TrainConfig, last_path: Path) -> None:
-    """Refuse a resume that changes the network (:data:`ARCHITECTURE_FIELDS`), naming each
-    change; warn about other changes. Runs before anything is written."""
-    stored_model = ckpt.get("model_config")
-    if not isinstance(stored_model, dict):
-        raise TrainingError(f"{last_path} has no model_config; is it a StreamingCLAM checkpoint?")
-    refused = _architecture_changes(stored_model, dataclasses.asdict(config.model))
-    if refused:
-        raise TrainingError(
-            f"--resume cannot change how the network is built: the weights in {last_path} are of the run's "
-            f"network. Refused: {'; '.join(refused)}. Resume without these options (the run's config.json keeps "
-            f"its settings), or start a new run with another --out. Nothing was written"
-        )
-    changes = _config_changes(ckpt.get("train_config", {}), config.to_dict())
-    if changes:
-        logger.warning(
-            "resuming %s with changed settings (no longer an exact continuation): %s", last_path, "; ".join(changes)
-        )
-
-
-def _keep_previous_config(out: Path, config: TrainConfig) -> Path | None:
-    """Before config.json is rewritten with other settings, keep the old one beside it as
-    ``config.previous-<UTC time>.json``; returns that path (None when nothing changed)."""
-    path = out / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        if load_config(path) == config:
-            return None
-    except ValueError:
-        pass  # unreadable: keep its bytes all the same
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = out / f"config.previous-{stamp}.json"
-    n = 1
-    while kept.exists():
-        n += 1
-        kept = out / f"config.previous-{stamp}-{n}.json"
-    data = path.read_bytes()
-    with atomic_write(kept, "wb") as f:
-        f.write(data)
-    logger.info("kept the previous settings of %s as %s", path, kept.name)
-    return kept
-
-
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return autocast_dtype(config.amp, device)
 
@@ -660,8 +490,8 @@ def _start_run(config: TrainConfig, resume: bool) -> _Run:
     splits, build (or restore) model, optimizer and state.
 
     Nothing is written to the run folder before the lock is held and a resume is checked
-    (:func:`_check_resume`); config.json is rewritten only after last.pt loaded into the
-    model and optimizer, its previous version kept (:func:`_keep_previous_config`). On an
+    (:func:`~torch_impl.pipeline.resume.check_resume`); config.json is rewritten only after last.pt loaded into the
+    model and optimizer, its previous version kept (:func:`~torch_impl.pipeline.resume.keep_previous_config`). On an
     error the lock is released.
     """
     info, device = init_distributed(config.device)
@@ -687,7 +517,7 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
     ckpt = None
     if resume:
         ckpt = load_checkpoint(last_path, map_location=device)
-        _check_resume(ckpt, config, last_path)
+        check_resume(ckpt, config, last_path)
     if info.is_main:
         remove_stale_temp_files(out)  # leftovers of a run killed mid-write (see runtime)
 
@@ -739,7 +569,7 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
         logger.info("random trunk: set the statistics of %d frozen batch norms from training crops", n)
     if info.is_main:
         if resume:
-            _keep_previous_config(out, config)
+            keep_previous_config(out, config)
         save_config(config, out)
     broadcast_parameters(model, info)
 
@@ -903,7 +733,7 @@ def train(
         BadSlideError: a slide is unusable and ``skip_bad_slides`` is off.
         NonFiniteLossError: a loss or gradient is NaN/inf (no checkpoint is written).
         TrainingError: nothing to train on, nothing to resume, a run folder in the way, or a
-            resume that would change the network (:data:`ARCHITECTURE_FIELDS`).
+            resume that would change the network (:data:`~torch_impl.pipeline.resume.ARCHITECTURE_FIELDS`).
         RunLockedError: another run uses ``config.out_dir`` (its PID and host named).
         DiskFullError: the disk filled up while writing a checkpoint (the previous one is intact).
     """

@@ -1,0 +1,126 @@
+"""What ``--resume`` may change: a run continues with the network it was trained with.
+
+The checkpoint's stored settings are compared with the new ones before anything is written:
+a change of :data:`ARCHITECTURE_FIELDS` is refused (the weights would not fit, or would mean
+something else), any other change is accepted with a warning that the run is no longer an
+exact continuation, and the previous ``config.json`` is kept beside the new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_FILE, TrainConfig, load_config
+from .runtime import PipelineError, atomic_write
+
+__all__ = ["ARCHITECTURE_FIELDS", "check_resume", "config_changes", "keep_previous_config"]
+
+logger = logging.getLogger(__name__)
+
+#: Settings that may change on --resume without breaking the exact continuation.
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "device",
+    "progress",
+    "checkpoint_every",
+    "skip_bad_slides",
+    "out_dir",
+    "data_dir",
+    "slide_cache",
+}
+
+#: ModelConfig fields that --resume refuses to change: they change the network's parameters
+#: (their names or shapes: width, head, n_classes, hidden_dim, attention_dim, instance_loss,
+#: whose instance classifiers are parameters) or what its forward pass computes (pool,
+#: pool_size, dropout), so the weights in last.pt would not fit or would mean something
+#: else. Every other change (lr, epochs, tile sizes, k_sample, bag_weight, ...) only
+#: changes how the run goes on: accepted, with a warning that it is no longer an exact
+#: continuation.
+ARCHITECTURE_FIELDS = (
+    "width",
+    "head",
+    "n_classes",
+    "hidden_dim",
+    "attention_dim",
+    "instance_loss",
+    "pool",
+    "pool_size",
+    "dropout",
+)
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """{"model": {"width": 4}, "lr": 1} -> {"model.width": 4, "lr": 1}."""
+    flat = {k: v for k, v in config.items() if k != "model"}
+    model = config.get("model")
+    if isinstance(model, dict):
+        flat.update({f"model.{k}": v for k, v in model.items()})
+    return flat
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that differ ("key: old -> new"), model settings as "model.NAME"."""
+    stored, current = _flatten(stored), _flatten(current)
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        if key in _RESUMABLE_CHANGES or stored.get(key) == current.get(key):
+            continue
+        changes.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def _architecture_changes(stored_model: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """The :data:`ARCHITECTURE_FIELDS` that differ: "model.NAME (--option) old -> new"."""
+    return [
+        f"model.{name} (--{name.replace('_', '-')}) {stored_model.get(name)!r} -> {model.get(name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if stored_model.get(name) != model.get(name)
+    ]
+
+
+def check_resume(ckpt: dict[str, Any], config: TrainConfig, last_path: Path) -> None:
+    """Refuse a resume that changes the network (:data:`ARCHITECTURE_FIELDS`), naming each
+    change; warn about other changes. Runs before anything is written."""
+    stored_model = ckpt.get("model_config")
+    if not isinstance(stored_model, dict):
+        raise PipelineError(f"{last_path} has no model_config; is it a StreamingCLAM checkpoint?")
+    refused = _architecture_changes(stored_model, dataclasses.asdict(config.model))
+    if refused:
+        raise PipelineError(
+            f"--resume cannot change how the network is built: the weights in {last_path} are of the run's "
+            f"network. Refused: {'; '.join(refused)}. Resume without these options (the run's config.json keeps "
+            f"its settings), or start a new run with another --out. Nothing was written"
+        )
+    changes = config_changes(ckpt.get("train_config", {}), config.to_dict())
+    if changes:
+        logger.warning(
+            "resuming %s with changed settings (no longer an exact continuation): %s", last_path, "; ".join(changes)
+        )
+
+
+def keep_previous_config(out: Path, config: TrainConfig) -> Path | None:
+    """Before config.json is rewritten with other settings, keep the old one beside it as
+    ``config.previous-<UTC time>.json``; returns that path (None when nothing changed)."""
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        if load_config(path) == config:
+            return None
+    except ValueError:
+        pass  # unreadable: keep its bytes all the same
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = out / f"config.previous-{stamp}.json"
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = out / f"config.previous-{stamp}-{n}.json"
+    data = path.read_bytes()
+    with atomic_write(kept, "wb") as f:
+        f.write(data)
+    logger.info("kept the previous settings of %s as %s", path, kept.name)
+    return kept
