@@ -409,3 +409,25 @@ def test_main_heatmap_cli(run, data_root, checkpoint, tmp_path):
         main_heatmap(
             ["--slide", str(slide), "--out", str(tmp_path), "--attention", str(out / "attention" / "test_001.npy")]
         )
+
+
+def test_a_failed_plot_leaves_the_previous_png_and_no_temporary_file(tmp_path, monkeypatch):
+    """Figures are written through atomic_write, like every other output of a run."""
+    from matplotlib.figure import Figure
+
+    from torch_impl.pipeline.plots import plot_roc
+
+    path = tmp_path / "roc.png"
+    plot_roc(np.array([0.0, 0.5, 1.0]), np.array([0.0, 1.0, 1.0]), 0.75, path)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def half_written(self, f, **kwargs):
+        f.write(b"\x89PNG partial")
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk went away"):
+        plot_roc(np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.5, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["roc.png"]

@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .runtime import atomic_write
+
 __all__ = ["plot_roc", "overlay_attention"]
 
 
 def _save(fig: Figure, path: str | os.PathLike | None, dpi: int) -> None:
+    """Write the figure to ``path`` (format from its suffix, PNG by default), whole or not at all."""
     if path is not None:
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        with atomic_write(path, "wb", what="figure") as f:
+            fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
 
 
 def plot_roc(
