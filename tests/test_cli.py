@@ -753,3 +753,25 @@ def test_shared_options_are_written_once():
         HeatmapOptions: {"checkpoint"},
         DemoOptions: {"out_dir"},
     }
+
+
+def test_demo_never_writes_into_a_data_folder_it_did_not_make(tmp_path):
+    """A named data folder that is not empty and not a complete data set is refused untouched;
+    the demo's own folder with a partial set (a killed demo) is rewritten."""
+    from torch_impl.pipeline.demo import _has_data
+    from torch_impl.pipeline.runtime import PipelineError
+
+    mine = tmp_path / "my_slides"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not slides")
+    with pytest.raises(PipelineError, match="new or empty folder"):
+        _has_data(mine, own=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert _has_data(mine, own=True) is False  # the demo's own folder: written again
+
+    partial = tmp_path / "partial"
+    make_demo_data(partial, n_normal=1, n_tumor=1, n_test_normal=0, n_test_tumor=0, size=256)
+    with pytest.raises(PipelineError, match="training and test slides"):
+        _has_data(partial, own=False)
+    assert _has_data(tmp_path / "missing", own=False) is False
+    assert _has_data(tmp_path / "empty", own=False) is False

@@ -42,6 +42,7 @@ from .config import TrainConfig
 from .logs import QUIET, run_log, verbosity, verbosity_options
 from .options import OptionParser, option
 from .predict import ComputeOptions
+from .runtime import PipelineError
 
 __all__ = [
     "SUMMARY_FORMAT",
@@ -118,15 +119,34 @@ def demo_config(
     )
 
 
-def _has_data(root: Path) -> bool:
-    """True when ``root`` holds training and test slides in the CAMELYON16 layout."""
-    if not root.is_dir():
+def _has_data(root: Path, own: bool) -> bool:
+    """True when ``root`` holds training and test slides in the CAMELYON16 layout; False when
+    the demo should write its synthetic slides there: ``root`` is missing or empty, or it is
+    the demo's own folder (``own``: inside its output folder) holding a partial set.
+
+    Raises:
+        PipelineError: a folder the user named holds something else: the demo never writes
+            into a folder it did not make (it could be a real data set with a problem).
+    """
+    if not root.is_dir() or not any(root.iterdir()):
         return False
     try:
         splits = {r.split for r in discover(root)}
-    except (FileNotFoundError, ValueError):
-        return False
-    return {"train", "test"} <= splits
+    except (FileNotFoundError, ValueError) as e:
+        if own:
+            return False
+        raise PipelineError(
+            f"{root} is not empty but is no complete CAMELYON16-style data set ({e}); the demo writes its "
+            "synthetic slides only into a new or empty folder: pass another data folder"
+        ) from e
+    if not {"train", "test"} <= splits:
+        if own:
+            return False
+        raise PipelineError(
+            f"{root} holds only {sorted(splits)} slides; the demo needs training and test slides: pass a "
+            "complete data set or a new or empty folder"
+        )
+    return True
 
 
 def run_demo(
@@ -161,7 +181,7 @@ def run_demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see the module docstring
     try:
-        if _has_data(data):
+        if _has_data(data, own=data_dir is None):
             logger.info("demo: using the slides in %s", data)
         else:
             logger.info("demo: writing the synthetic data set to %s", data)
