@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .slide import ImageSource, read_clipped
+from .slide import ImageSource, check_region, read_clipped
 from .tissue import mask_at_resolution
 
 __all__ = ["AugmentParams", "AugmentedView", "draw_augmentation", "rgb_to_hsv", "hsv_to_rgb", "jitter_hsv"]
@@ -205,9 +205,7 @@ class AugmentedView:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """(3, h, w) uint8: rows [y, y+h), columns [x, x+w) of the augmented image; white outside."""
-        y, x, h, w = int(y), int(x), int(h), int(w)
-        if h < 0 or w < 0:
-            raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
+        y, x, h, w = check_region(y, x, h, w)
         C, H, W = self._shape
         return read_clipped(y, x, h, w, H, W, self._read_inside, lambda: np.full((C, h, w), 255, dtype=self.dtype))
 

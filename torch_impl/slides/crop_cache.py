@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from .slide import ImageSource, read_clipped
+from .slide import ImageSource, check_region, read_clipped
 
 __all__ = ["MODES", "CropCache", "available_host_memory", "choose_mode", "free_device_memory"]
 
@@ -237,9 +237,7 @@ class CropCache:
 
     def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
         """(3, h, w) uint8 pixels of rows [y, y+h), columns [x, x+w); white outside the crop."""
-        y, x, h, w = int(y), int(x), int(h), int(w)
-        if h < 0 or w < 0:
-            raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
+        y, x, h, w = check_region(y, x, h, w)
         if self.mode == "none":
             with record_function("slides.decode"):
                 return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))

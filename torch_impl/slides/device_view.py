@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from ..streaming.sources import to_device
 from .augment import AugmentedView, AugmentParams
 from .device_jitter import jitter_hsv_torch
-from .slide import ImageSource, read_clipped
+from .slide import ImageSource, check_region, read_clipped
 
 __all__ = ["DeviceAugmentedView"]
 
@@ -76,9 +76,7 @@ class DeviceAugmentedView(AugmentedView):
 
     def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
         """(3, h, w) uint8 on ``device``: rows [y, y+h), columns [x, x+w) of the augmented image; white outside."""
-        y, x, h, w = int(y), int(x), int(h), int(w)
-        if h < 0 or w < 0:
-            raise ValueError(f"region size must be >= 0, got h={h}, w={w}")
+        y, x, h, w = check_region(y, x, h, w)
         C, H, W = self.shape
         with (
             torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(),

@@ -85,7 +85,7 @@ class ImageSource(Protocol):
         ...
 
 
-def _check_region(y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
+def check_region(y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
     """Cast a region to Python ints and reject negative sizes loudly."""
     y, x, h, w = int(y), int(x), int(h), int(w)
     if h < 0 or w < 0:
@@ -134,7 +134,7 @@ class ArrayImage:
         return self._array.dtype
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        y, x, h, w = _check_region(y, x, h, w)
+        y, x, h, w = check_region(y, x, h, w)
         C, H, W = self._array.shape
         return read_clipped(
             y,
@@ -158,7 +158,7 @@ class RegionView:
     """
 
     def __init__(self, source: ImageSource, y0: int, x0: int, h: int, w: int) -> None:
-        y0, x0, h, w = _check_region(y0, x0, h, w)
+        y0, x0, h, w = check_region(y0, x0, h, w)
         if h == 0 or w == 0:
             raise ValueError(f"RegionView needs a non-empty region, got h={h}, w={w}")
         self.source = source
@@ -173,7 +173,7 @@ class RegionView:
         return self.source.dtype
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        y, x, h, w = _check_region(y, x, h, w)
+        y, x, h, w = check_region(y, x, h, w)
         return read_clipped(
             y,
             x,
@@ -417,7 +417,7 @@ class Slide:
         Pixels outside [0, H) x [0, W) are white (255); alpha is composited onto white.
         Only the level pixels under the region are decoded.
         """
-        y, x, h, w = _check_region(y, x, h, w)
+        y, x, h, w = check_region(y, x, h, w)
         out = np.empty((3, h, w), dtype=np.uint8)  # the one buffer of this read
         _, H, W = self._shape
         y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
