@@ -27,12 +27,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.model_fixtures import tiny_train_config
+from torch_impl.pipeline import train as train_module
 from torch_impl.pipeline.checkpoint import load_checkpoint
 from torch_impl.pipeline.config import CHOICES, TrainConfig, load_config, validate_config
 from torch_impl.pipeline.resume import check_selection
 from torch_impl.pipeline.runtime import PipelineError
 from torch_impl.pipeline.selection import SELECT_RULES, effective_rule, select_epoch
-from torch_impl.pipeline import train as train_module
 from torch_impl.pipeline.train import _parser, main_train, train
 from torch_impl.slides import SlideRecord, discover, make_demo_data, make_splits
 

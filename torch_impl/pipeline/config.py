@@ -80,7 +80,7 @@ class TrainConfig:
 
     # --- model selection (best.pt; torch_impl.pipeline.selection) ---
     select_by: str = "val_loss"  # best.pt is the epoch with: "val_loss" the lowest validation loss, "val_auc" the highest validation AUC (ties: lower loss), or "last" the last epoch; without validation slides, the last
-    select_after_epoch: int = 0  # epochs 1..N are never best.pt (N = head_only_epochs: best.pt has a trained trunk); < epochs
+    select_after_epoch: int = 0  # epochs 1..N are never best.pt (N = head_only_epochs: a trained trunk); < epochs
 
     # --- augmentation (training slides only; lazy, see torch_impl.slides.augment) ---
     flip: bool = True  # random vertical and horizontal flips

@@ -75,9 +75,7 @@ def _sort_key(row: Mapping[str, Any], rule: str) -> tuple[float, ...]:
     return (-epoch,)  # "last"
 
 
-def select_epoch(
-    rows: Sequence[Mapping[str, Any]], rule: str, select_after_epoch: int = 0
-) -> Mapping[str, Any] | None:
+def select_epoch(rows: Sequence[Mapping[str, Any]], rule: str, select_after_epoch: int = 0) -> Mapping[str, Any] | None:
     """The row (of ``rows``, one per finished epoch) whose epoch ``rule`` selects for best.pt.
 
     Args:

@@ -719,7 +719,7 @@ def _train_epoch(run: _Run, epoch: int, phase: int, on_slide: Callable[[dict[str
 
 
 def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _TensorBoard) -> None:
-    """Validate, record the epoch's metrics, write last.pt, best.pt (if better) and metrics.csv."""
+    """Validate, record the epoch's metrics, write last.pt, best.pt (when the rule picks this epoch), metrics.csv."""
     config, state = run.config, run.state
     if run.val_records:
         val = validate(run.model, run.val_records, config, run.device, run.amp_dtype, run.info, run.progress)
