@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import pickle
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -387,6 +388,34 @@ def test_streamed_gradients_are_bitwise_equal_for_both_layouts_with_and_without_
                     runs[f"{mode} cache over {name}"] = streamed_output_and_gradients(crop)
     for name, got in runs.items():
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), name
+
+
+@pytest.mark.parametrize("band_bytes", [1, 3 * 300 * 100, 2**30])
+def test_crop_cache_bands_decode_every_tile_once(files, monkeypatch, band_bytes):
+    """Bands of a view at an odd offset start on the file's tile rows (`tile_rows`), so each
+    stored tile under the view is decoded exactly once, whatever the band size; the pixels
+    are the slide's."""
+    decoded = Counter()
+    decode = TiffPyramid._decode_tile
+
+    def counting(self, level, lv, ty, tx, rgbx=False):
+        decoded[level, ty, tx] += 1
+        return decode(self, level, lv, ty, tx, rgbx)
+
+    with Slide(files["tiny"], mpp=0.25, threads=2) as s:  # 256-px tiles
+        assert s.tile_rows == (256, 0)
+        with Slide(files["tiny"], mpp=0.25, backend="openslide") as o:
+            assert o.tile_rows == (256, 0)
+        view = RegionView(s, 100, 37, 700, 300)
+        assert view.tile_rows == (256, 156)
+        expected = view.read(0, 0, 700, 300)
+        monkeypatch.setattr(TiffPyramid, "_decode_tile", counting)
+        with CropCache.open(view, "host", "cpu", band_bytes=band_bytes) as crop:
+            np.testing.assert_array_equal(crop.fill().read(0, 0, 700, 300).numpy(), expected)
+    under_view = {(0, ty, tx) for ty in range(100 // 256, 799 // 256 + 1) for tx in range(37 // 256, 336 // 256 + 1)}
+    assert set(decoded) == under_view and set(decoded.values()) == {1}
+    with Slide(files["tiny"], mpp=0.35) as resampled:
+        assert resampled.tile_rows is None and RegionView(resampled, 3, 0, 10, 10).tile_rows is None
 
 
 # ---------------------------------------------------------------- threads

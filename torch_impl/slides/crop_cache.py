@@ -10,7 +10,10 @@ one uint8 buffer, and answers every tile read with a slice of it:
         model(DeviceAugmentedView(crop, params, device), mask, label)   # forward + backward
 
 Filling. A background thread starts at :meth:`CropCache.open` and fills the buffer band by
-band from the top, the order in which the forward pass's tile plan runs, so decoding
+band from the top (bands of about ``band_bytes``; for a source with ``tile_rows``, a
+:class:`~torch_impl.slides.slide.Slide` or a view of one, bands start and end on the file's
+tile rows, so every stored tile is decoded once: a band edge inside a tile row would decode
+that row in both bands), the order in which the forward pass's tile plan runs, so decoding
 overlaps the forward pass's compute. A read needs only the bands it covers: one not there
 yet is decoded by the reading thread itself (a vertically flipped view starts at the last
 bands), and each band is decoded once, by whichever thread needs it first. A device buffer
@@ -57,6 +60,7 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_right
 from contextlib import nullcontext
 
 import numpy as np
@@ -153,9 +157,10 @@ class CropCache:
 
     Itself a lazy source: ``shape``, ``dtype`` and ``read(y, x, h, w)``, which returns a
     (3, h, w) uint8 tensor: a view of the buffer (no copy, channels interleaved in memory;
-    do not write into it) on the buffer's device for regions inside the crop, a white-padded copy for regions crossing
-    its border, and the source's own pixels (host) in mode ``"none"``. ``read`` is
-    thread-safe. Make one with :meth:`open`; free it with :meth:`close` or ``with``.
+    do not write into it) on the buffer's device for regions inside the crop, a
+    white-padded copy for regions crossing its border, and the source's own pixels (host)
+    in mode ``"none"``. ``read`` is thread-safe. Make one with :meth:`open`; free it with
+    :meth:`close` or ``with``.
 
     Attributes:
         mode: ``"device"``, ``"host"`` or ``"none"``, the tier chosen.
@@ -168,8 +173,11 @@ class CropCache:
         C, H, W = (int(n) for n in source.shape)
         self._shape = (C, H, W)
         self._buffer: torch.Tensor | None = None  # (H, W, C): interleaved (module docstring)
-        self._bands = [(r, min(r + band_rows, H)) for r in range(0, H, band_rows)]
-        self._band_rows = band_rows
+        period, phase = getattr(source, "tile_rows", None) or (1, 0)
+        band_rows = -(-band_rows // period) * period  # whole tile rows
+        starts = ([0] if phase else []) + list(range(phase, H, band_rows))  # tile-row edges from `phase` on
+        self._starts = starts
+        self._bands = [(r, min(r1, H)) for r, r1 in zip(starts, [*starts[1:], H], strict=True)]
         self._locks = [threading.Lock() for _ in self._bands]  # held while the band is decoded
         self._loaded = [False] * len(self._bands)
         self._error: BaseException | None = None  # the first failed band read
@@ -205,7 +213,8 @@ class CropCache:
                 :func:`free_device_memory` on CUDA, the host budget on the CPU).
             host_budget_bytes: most bytes it may take in host memory (default: half of
                 :func:`available_host_memory`).
-            band_bytes: host bytes per band read while filling (at least one row).
+            band_bytes: host bytes per band read while filling (at least one row; rounded up
+                to whole tile rows of a source with ``tile_rows``).
 
         Raises:
             ValueError: unknown mode, a non-uint8 source, or an explicit tier that does not fit.
@@ -271,7 +280,7 @@ class CropCache:
     # ------------------------------------------------------------------ filling
     def _wait(self, y0: int, y1: int) -> None:
         """Return once rows [y0, y1) are in the buffer, decoding the bands not yet there."""
-        for k in range(y0 // self._band_rows, (y1 - 1) // self._band_rows + 1):
+        for k in range(bisect_right(self._starts, y0) - 1, bisect_right(self._starts, y1 - 1)):
             self._ensure(k)
 
     def _ensure(self, k: int) -> None:

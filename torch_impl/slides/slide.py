@@ -177,6 +177,15 @@ class RegionView:
     def dtype(self) -> np.dtype:
         return self.source.dtype
 
+    @property
+    def tile_rows(self) -> tuple[int, int] | None:
+        """The source's `Slide.tile_rows` in the view's rows (None if the source has none)."""
+        rows = getattr(self.source, "tile_rows", None)
+        if rows is None:
+            return None
+        period, phase = rows
+        return period, (phase - self.y0) % period
+
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = check_region(y, x, h, w)
         return read_clipped(
@@ -415,6 +424,19 @@ class Slide:
     def level_count(self) -> int:
         """Number of pyramid levels in the file."""
         return len(self._level_dims)
+
+    @property
+    def tile_rows(self) -> tuple[int, int] | None:
+        """(period, phase): the file's tiles start at the rows y = phase (mod period) of `read`,
+        so reads in bands from such a row to such a row decode every stored tile once (what
+        `CropCache` fills by); None when they do not line up with whole rows (resampled reads)
+        or the file does not say. Here phase is 0 and period the tile height of the level."""
+        if self.resample != (1.0, 1.0):
+            return None
+        if self._tiff is not None:
+            return self._tiff.levels[self.level].tile_h, 0
+        height = self._osr.properties.get(f"openslide.level[{self.level}].tile-height") if self._osr else None
+        return (int(height), 0) if height else None
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Rows [y, y+h), columns [x, x+w) at the working resolution, as (3, h, w) uint8 RGB.
