@@ -323,7 +323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mpp-resampled", type=float, default=0.7, help="um/px of the resampled read (no level within 10%%)"
     )
     parser.add_argument("--threads", type=int, default=usable_cores(), help="the N of the N-thread rows")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per region row, best kept (default 3; quick 2)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per region row, best kept (default 5; quick 2)")
     parser.add_argument("--device", default="cpu", help="where the step's augmentation and normalisation run")
     parser.add_argument(
         "--step-crop", type=int, default=None, help="training crop side at 0.5 um/px (default 8192; quick 4096)"
@@ -348,7 +348,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smaller region, crop and repeats: about a minute")
     args = parser.parse_args(argv)
     quick = args.quick
-    for name, normal, small in (("region", 4096, 2048), ("repeat", 3, 2), ("step_crop", 8192, 4096)):
+    for name, normal, small in (("region", 4096, 2048), ("repeat", 5, 2), ("step_crop", 8192, 4096)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else normal)
     if args.augment_region is None:
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<62} {'Mpx/s':>8} {'x anchor':>9} {'wall s':>8} {'CPU s':>8}  note")
     anchor = px / anchor_wall / 1e6
     for name, rate, wall, cpu, note in rows:
-        print(f"{name:<62} {rate:8.1f} {rate / anchor:9.2f} {wall:8.3f} {cpu:8.3f}  {note}")
+        print(f"{name:<62} {rate:8.1f} {rate / anchor:9.2f} {wall:8.3f} {cpu:8.3f}  {note}".rstrip())
 
     one_wall, one_cpu = timings[1]
     many_wall = timings[n][0]
