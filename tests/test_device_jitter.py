@@ -1,6 +1,10 @@
-"""The torch colour jitter (for tiles on the device) equals the NumPy reference of augment.py."""
+"""The torch colour jitter (for tiles on the device) equals the NumPy reference of augment.py:
+the arithmetic and the colour table, on every uint8 colour."""
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -8,8 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch_impl.slides import device_jitter
 from torch_impl.slides.augment import AugmentedView, jitter_hsv
-from torch_impl.slides.device_jitter import jitter_hsv_torch
+from torch_impl.slides.device_jitter import (
+    TABLE_ENTRIES,
+    ColourJitter,
+    apply_jitter_table,
+    jitter_hsv_torch,
+    jitter_table,
+)
 from torch_impl.slides.slide import ArrayImage
 
 
@@ -55,8 +66,117 @@ def test_jitter_per_tile_equals_jitter_of_the_whole_image(seed, shift, tile):
     np.testing.assert_array_equal(per_tile, whole)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shift=st.tuples(st.floats(-3.0, 3.0), st.floats(-1.5, 1.5), st.floats(-1.5, 1.5)),
+    lead=st.lists(st.integers(0, 3), max_size=2),
+    hw=st.tuples(st.integers(0, 40), st.integers(0, 40)),
+    transpose=st.booleans(),
+)
+def test_any_shift_any_layout_equals_numpy(seed, shift, lead, hw, transpose):
+    """Shifts beyond the training ranges (hue by several turns, saturation and value scaled below
+    0 and past 1), batches, empty tiles and non-contiguous tiles: the reference on each (3, h, w)."""
+    rng = np.random.default_rng(seed)
+    pixels = torch.from_numpy(rng.integers(0, 256, (*lead, 3, *hw), dtype=np.uint8))
+    if transpose:
+        pixels = pixels.transpose(-1, -2)  # a view, as torch.rot90 returns
+    got = jitter_hsv_torch(pixels, shift)
+    assert got.shape == pixels.shape and got.dtype == torch.uint8
+    batch = (int(np.prod(lead)), 3, *pixels.shape[-2:])
+    flat, want = got.reshape(batch), pixels.reshape(batch).numpy()
+    for k in range(batch[0]):
+        np.testing.assert_array_equal(flat[k].numpy(), jitter_hsv(want[k], shift))
+
+
+# ----------------------------------------------------------------------------- the colour table
+@pytest.mark.parametrize("shift", [(0.02, 0.1, -0.1), (-0.73, -0.45, 0.3)])
+def test_the_table_holds_the_reference_jitter_of_every_colour(shift):
+    """All 2^24 colours: the table (built by the arithmetic) against the NumPy reference."""
+    table = jitter_table(shift)
+    assert table.shape == (TABLE_ENTRIES,) and table.dtype == torch.int32
+    entries = table.view(torch.uint8).view(TABLE_ENTRIES, 4).numpy()  # (r', g', b', 0) per colour
+    expected = jitter_hsv(every_colour(), shift).reshape(3, TABLE_ENTRIES)
+    np.testing.assert_array_equal(entries[:, :3].T, expected)
+    assert not entries[:, 3].any()
+
+
+@pytest.fixture(scope="module")
+def table_and_shift():
+    shift = (0.31, -0.2, 0.15)
+    return jitter_table(shift), shift
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lead=st.lists(st.integers(0, 3), max_size=2),
+    hw=st.tuples(st.integers(0, 30), st.integers(0, 30)),
+    transpose=st.booleans(),
+)
+def test_a_gather_in_the_table_equals_the_arithmetic(table_and_shift, seed, lead, hw, transpose):
+    table, shift = table_and_shift
+    pixels = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (*lead, 3, *hw), dtype=np.uint8))
+    if transpose:
+        pixels = pixels.transpose(-1, -2)
+    got = apply_jitter_table(pixels, table)
+    assert got.shape == pixels.shape and got.is_contiguous()
+    assert torch.equal(got, jitter_hsv_torch(pixels, shift))
+
+
+def test_a_wrong_table_is_refused(table_and_shift):
+    table, _ = table_and_shift
+    with pytest.raises(ValueError, match="not a colour table from jitter_table"):
+        apply_jitter_table(torch.zeros(3, 2, 2, dtype=torch.uint8), table[:100])
+    with pytest.raises(ValueError, match="not a colour table from jitter_table"):
+        apply_jitter_table(torch.zeros(3, 2, 2, dtype=torch.uint8), table.view(torch.float32))
+
+
+# ----------------------------------------------------------------------------- choosing
+def test_the_table_is_built_once_build_after_pixels_are_due():
+    shift = (0.1, 0.2, -0.3)
+    rng = np.random.default_rng(3)
+    tiles = [torch.from_numpy(rng.integers(0, 256, (3, 10, 10), dtype=np.uint8)) for _ in range(4)]
+    jitter = ColourJitter(shift, build_after=250)
+    for k, tile in enumerate(tiles):  # 100 px each: arithmetic for 100, 200; the third would pass 250
+        assert (jitter.table is None) == (k <= 2), k
+        got = jitter(tile)
+        assert (jitter.table is None) == (k < 2), k
+        np.testing.assert_array_equal(got.numpy(), jitter_hsv(tile.numpy(), shift))
+    assert torch.equal(jitter.table, jitter_table(shift))
+    at_once, never = ColourJitter(shift, build_after=0), ColourJitter(shift, build_after=None)
+    assert torch.equal(at_once(tiles[0]), jitter(tiles[0])) and at_once.table is not None
+    for _ in range(3):
+        assert torch.equal(never(tiles[0]), jitter(tiles[0]))
+    assert never.table is None
+
+
+def test_concurrent_calls_build_one_table_and_agree(monkeypatch):
+    """Eight threads: one builds the table while the others go on by arithmetic; all results exact."""
+    shift = (-0.2, 0.3, 0.1)
+    rng = np.random.default_rng(5)
+    tiles = [torch.from_numpy(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)) for _ in range(32)]
+    builds = []
+
+    def counting_table(*args, **kwargs):
+        builds.append(threading.get_ident())
+        return jitter_table(*args, **kwargs)
+
+    monkeypatch.setattr(device_jitter, "jitter_table", counting_table)
+    jitter = ColourJitter(shift, build_after=1000)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(jitter, tiles))
+    assert len(builds) == 1 and jitter.table is not None
+    for tile, got in zip(tiles, results, strict=True):
+        np.testing.assert_array_equal(got.numpy(), jitter_hsv(tile.numpy(), shift))
+
+
 def test_bad_tiles_are_refused():
     with pytest.raises(TypeError, match="uint8"):
         jitter_hsv_torch(torch.zeros(3, 4, 4), (0, 0, 0))
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, h, w\)"):
         jitter_hsv_torch(torch.zeros(4, 4, 4, dtype=torch.uint8), (0, 0, 0))
+    with pytest.raises(TypeError, match="uint8"):
+        ColourJitter((0.1, 0, 0))(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="build_after must be >= 0 pixels or None"):
+        ColourJitter((0.1, 0, 0), build_after=-1)

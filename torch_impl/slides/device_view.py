@@ -5,10 +5,12 @@
 augmented region back to the original), but moves the small original block to the device
 first and transforms it there: the flips and quarter turns with ``torch.flip`` and
 ``torch.rot90`` on the block, in the order of ``AugmentedView``'s steps, then the colour
-jitter with :func:`~torch_impl.slides.device_jitter.jitter_hsv_torch` (pointwise, so per
-tile equals whole image). On a GPU the host only decodes (or nothing, when the block comes
-from a :class:`~torch_impl.slides.crop_cache.CropCache` on the device); on the CPU the result
-equals ``AugmentedView.read`` bit for bit (``tests/test_device_view.py``).
+jitter with a :class:`~torch_impl.slides.device_jitter.ColourJitter` (pointwise, so per
+tile equals whole image; by arithmetic, or by one gather in a table of the slide's 2^24
+jittered colours once that pays, see ``colour_table``). On a GPU the host only decodes (or
+nothing, when the block comes from a :class:`~torch_impl.slides.crop_cache.CropCache` on the
+device); on the CPU the result equals ``AugmentedView.read`` bit for bit, either way
+(``tests/test_device_view.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.profiler import record_function
 
 from ..streaming.sources import to_device
 from .augment import AugmentedView, AugmentParams
-from .device_jitter import jitter_hsv_torch
+from .device_jitter import TABLE_ENTRIES, ColourJitter
 from .slide import ImageSource, check_region, read_clipped
 
 __all__ = ["DeviceAugmentedView"]
@@ -39,6 +41,11 @@ class DeviceAugmentedView(AugmentedView):
         device: where the transform runs and the tiles end up (a CUDA device without an index
             means the current one, fixed when the view is made: reads run in the engine's
             reading threads, whose current device may differ).
+        colour_table: how the colour jitter is computed (the same bytes every way). None
+            (default): by arithmetic until a table of the 2^24 jittered colours pays, i.e.
+            built before the first read when the view has at least 2^24 pixels (a step reads
+            every pixel at least once), else once reads have jittered 2^24 pixels (the table
+            costs as much as that); True: the table from the first read; False: never.
 
     ``shape``, ``dtype``, ``source_region`` and ``feature_mask`` are ``AugmentedView``'s;
     ``read`` returns a (3, h, w) uint8 tensor on ``device`` (possibly a view of a device
@@ -50,6 +57,7 @@ class DeviceAugmentedView(AugmentedView):
         source: ImageSource,
         params: AugmentParams | None = None,
         device: torch.device | str = "cpu",
+        colour_table: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(source, params, **kwargs)
@@ -62,6 +70,14 @@ class DeviceAugmentedView(AugmentedView):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        self.jitter: ColourJitter | None = None
+        if any(self.params.hsv_shift):
+            _, H, W = self.shape
+            if colour_table is None:
+                build_after: int | None = 0 if H * W >= TABLE_ENTRIES else TABLE_ENTRIES
+            else:
+                build_after = 0 if colour_table else None
+            self.jitter = ColourJitter(self.params.hsv_shift, device, build_after)
 
     def transform_tensor(self, block: torch.Tensor) -> torch.Tensor:
         """Apply the flips and rotations (not the colour) to the last two axes of ``block``."""
@@ -100,8 +116,8 @@ class DeviceAugmentedView(AugmentedView):
         if not isinstance(block, torch.Tensor):
             block = torch.from_numpy(np.ascontiguousarray(block))
         block = self.transform_tensor(to_device(block, self.device))  # (3, h, w)
-        if any(self.params.hsv_shift):
-            block = jitter_hsv_torch(block, self.params.hsv_shift)
+        if self.jitter is not None:
+            block = self.jitter(block)
         return block
 
     def __repr__(self) -> str:
