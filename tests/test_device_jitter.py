@@ -3,7 +3,6 @@ the arithmetic and the colour table, on every uint8 colour."""
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_impl.slides import device_jitter
 from torch_impl.slides.augment import AugmentedView, jitter_hsv
 from torch_impl.slides.device_jitter import (
     TABLE_ENTRIES,
@@ -98,7 +96,7 @@ def test_the_table_holds_the_reference_jitter_of_every_colour(shift):
     entries = table.view(torch.uint8).view(TABLE_ENTRIES, 4).numpy()  # (r', g', b', 0) per colour
     expected = jitter_hsv(every_colour(), shift).reshape(3, TABLE_ENTRIES)
     np.testing.assert_array_equal(entries[:, :3].T, expected)
-    assert not entries[:, 3].any()
+    assert (entries[:, 3] == 1).all()  # 0 marks a colour not yet computed (a table filled on demand)
 
 
 @pytest.fixture(scope="module")
@@ -132,43 +130,44 @@ def test_a_wrong_table_is_refused(table_and_shift):
         apply_jitter_table(torch.zeros(3, 2, 2, dtype=torch.uint8), table.view(torch.float32))
 
 
-# ----------------------------------------------------------------------------- choosing
-def test_the_table_is_built_once_build_after_pixels_are_due():
-    shift = (0.1, 0.2, -0.3)
+# ----------------------------------------------------------------------------- one slide's jitter
+def test_the_table_is_filled_with_the_colours_seen_and_only_those(table_and_shift):
+    """On the CPU the table starts empty; each call adds its new colours, computed exactly."""
+    full, shift = table_and_shift
     rng = np.random.default_rng(3)
-    tiles = [torch.from_numpy(rng.integers(0, 256, (3, 10, 10), dtype=np.uint8)) for _ in range(4)]
-    jitter = ColourJitter(shift, build_after=250)
-    for k, tile in enumerate(tiles):  # 100 px each: arithmetic for 100, 200; the third would pass 250
-        assert (jitter.table is None) == (k <= 2), k
+    palette = rng.integers(0, 256, (3, 300), dtype=np.uint8)  # tiles drawn from 300 colours, as a slide repeats its own
+    tiles = [torch.from_numpy(palette[:, rng.integers(0, 300, (4, 25 * k))].reshape(3, 4, 25 * k)) for k in range(5)]
+    jitter = ColourJitter(shift)
+    assert jitter.table is None  # created at the first call
+    seen: set[int] = set()
+    for tile in tiles:
         got = jitter(tile)
-        assert (jitter.table is None) == (k < 2), k
         np.testing.assert_array_equal(got.numpy(), jitter_hsv(tile.numpy(), shift))
-    assert torch.equal(jitter.table, jitter_table(shift))
-    at_once, never = ColourJitter(shift, build_after=0), ColourJitter(shift, build_after=None)
-    assert torch.equal(at_once(tiles[0]), jitter(tiles[0])) and at_once.table is not None
-    for _ in range(3):
-        assert torch.equal(never(tiles[0]), jitter(tiles[0]))
-    assert never.table is None
+        codes = tile.numpy().astype(np.int64).reshape(3, -1)
+        seen |= set((codes[0] << 16 | codes[1] << 8 | codes[2]).tolist())
+        filled = torch.nonzero(jitter.table).squeeze(1)
+        assert set(filled.tolist()) == seen
+        assert torch.equal(jitter.table[filled], full[filled])
+    never = ColourJitter(shift, table=False)
+    assert torch.equal(never(tiles[3]), jitter(tiles[3])) and never.table is None
 
 
-def test_concurrent_calls_build_one_table_and_agree(monkeypatch):
-    """Eight threads: one builds the table while the others go on by arithmetic; all results exact."""
+def test_concurrent_calls_share_one_table_and_agree():
+    """Eight threads on tiles with shared colours: every result exact, the table consistent."""
     shift = (-0.2, 0.3, 0.1)
     rng = np.random.default_rng(5)
-    tiles = [torch.from_numpy(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)) for _ in range(32)]
-    builds = []
-
-    def counting_table(*args, **kwargs):
-        builds.append(threading.get_ident())
-        return jitter_table(*args, **kwargs)
-
-    monkeypatch.setattr(device_jitter, "jitter_table", counting_table)
-    jitter = ColourJitter(shift, build_after=1000)
+    palette = rng.integers(0, 256, (3, 2000), dtype=np.uint8)
+    tiles = [torch.from_numpy(palette[:, rng.integers(0, 2000, (64, 64))]) for _ in range(32)]
+    jitter = ColourJitter(shift)
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(jitter, tiles))
-    assert len(builds) == 1 and jitter.table is not None
     for tile, got in zip(tiles, results, strict=True):
         np.testing.assert_array_equal(got.numpy(), jitter_hsv(tile.numpy(), shift))
+    filled = torch.nonzero(jitter.table).squeeze(1)
+    codes = filled.to(torch.int32)
+    rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255]).to(torch.uint8)
+    entries = jitter.table[filled].view(torch.uint8).view(-1, 4)[:, :3].T.numpy()
+    np.testing.assert_array_equal(entries, jitter_hsv(rgb.numpy()[:, None], shift)[:, 0])
 
 
 def test_bad_tiles_are_refused():
@@ -178,5 +177,3 @@ def test_bad_tiles_are_refused():
         jitter_hsv_torch(torch.zeros(4, 4, 4, dtype=torch.uint8), (0, 0, 0))
     with pytest.raises(TypeError, match="uint8"):
         ColourJitter((0.1, 0, 0))(torch.zeros(3, 4, 4))
-    with pytest.raises(ValueError, match="build_after must be >= 0 pixels or None"):
-        ColourJitter((0.1, 0, 0), build_after=-1)

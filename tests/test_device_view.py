@@ -21,8 +21,7 @@ from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, build_model
 from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache, choose_mode
-from torch_impl.slides.device_jitter import TABLE_ENTRIES
-from torch_impl.slides.device_view import DeviceAugmentedView
+from torch_impl.slides.device_view import TABLE_MIN_PIXELS, DeviceAugmentedView
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.slide import ArrayImage
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
@@ -122,8 +121,8 @@ class CoordinateImage:
     ],
 )
 def test_the_colour_table_gives_the_numpy_augmentation(p):
-    """colour_table=True (a gather in the slide's table from the first read), False (always the
-    arithmetic) and the default: the same bytes as AugmentedView, inside, across and outside the border."""
+    """colour_table=True (through the slide's colour table), False (the arithmetic) and the
+    default: the same bytes as AugmentedView, inside, across and outside the border."""
     image = np.random.default_rng(11).integers(0, 256, (3, 37, 29), dtype=np.uint8)
     views = {table: DeviceAugmentedView(ArrayImage(image), p, CPU, colour_table=table) for table in (True, False, None)}
     regions = [(0, 0, *views[True].shape[1:]), (-5, 3, 20, 40), (10, -7, 9, 9), (30, 20, 15, 15), (-50, -50, 4, 4)]
@@ -132,26 +131,21 @@ def test_the_colour_table_gives_the_numpy_augmentation(p):
         for table, view in views.items():
             np.testing.assert_array_equal(view.read(y, x, h, w).numpy(), want, err_msg=f"colour_table={table}")
     assert views[True].jitter.table is not None
-    assert views[False].jitter.table is None and views[None].jitter.table is None  # small: never paid
+    assert views[False].jitter.table is None and views[None].jitter.table is None  # small: arithmetic
 
 
-def test_a_view_of_at_least_table_size_builds_the_table_at_its_first_read():
-    """Default colour_table: a view of >= 2^24 pixels is read whole at least once per step, so the
-    table pays from the start; a smaller view builds it once its reads have jittered 2^24 pixels."""
+def test_views_of_at_least_table_min_pixels_jitter_through_the_table():
+    """Default colour_table: the table for a view of >= TABLE_MIN_PIXELS pixels (filled with the
+    colours read), the arithmetic below; the same bytes as AugmentedView either way."""
     p = AugmentParams(False, True, 1, (0.1, -0.2, 0.2))
-    large = DeviceAugmentedView(CoordinateImage(4096, 4096), p, CPU)
-    assert 4096 * 4096 == TABLE_ENTRIES and large.jitter.table is None
-    tile = large.read(1000, 3000, 300, 200)
-    assert large.jitter.table is not None
-    np.testing.assert_array_equal(tile.numpy(), AugmentedView(CoordinateImage(4096, 4096), p).read(1000, 3000, 300, 200))
-
-    small = DeviceAugmentedView(CoordinateImage(4096, 4095), p, CPU)  # (3, 4095, 4096) after the turn
-    small.read(0, 0, 4095, 4096)  # the whole view, 2^24 - 4096 px jittered: the table not paid yet
-    assert small.jitter.table is None
-    tile = small.read(100, 200, 64, 65)  # would take the count past 2^24 (as the backward pass's reads do)
-    assert small.jitter.table is not None
-    np.testing.assert_array_equal(tile.numpy(), AugmentedView(CoordinateImage(4096, 4095), p).read(100, 200, 64, 65))
-    assert DeviceAugmentedView(CoordinateImage(4096, 4096), AugmentParams(True)).jitter is None  # no colour jitter
+    for (height, width), table in (((1024, 1024), True), ((1024, 1023), False)):
+        assert (height * width >= TABLE_MIN_PIXELS) == table
+        view = DeviceAugmentedView(CoordinateImage(height, width), p, CPU)
+        tile = view.read(100, 300, 500, 600)
+        assert (view.jitter.table is not None) == table
+        want = AugmentedView(CoordinateImage(height, width), p).read(100, 300, 500, 600)
+        np.testing.assert_array_equal(tile.numpy(), want)
+    assert DeviceAugmentedView(CoordinateImage(1024, 1024), AugmentParams(True)).jitter is None  # no colour jitter
 
 
 def test_every_orientation_of_a_labelled_image():
@@ -393,14 +387,15 @@ def test_cached_and_uncached_steps_have_bitwise_equal_gradients_and_the_cache_de
             assert (counting.counts == 1).all(), mode
 
 
-def test_the_colour_table_leaves_the_gradients_bit_for_bit(tiny_model, pixels):
-    """The same step with the jitter by a gather in the slide's colour table from the first tile:
-    equal loss and gradients, bit for bit, to today's path (NumPy AugmentedView)."""
+@pytest.mark.parametrize("colour_table", [True, False])
+def test_either_way_of_jittering_leaves_the_gradients_bit_for_bit(tiny_model, pixels, colour_table):
+    """The same step with the jitter through the slide's colour table (the default at this size)
+    and by arithmetic: equal loss and gradients, bit for bit, to today's path (NumPy AugmentedView)."""
     want_loss, want = step(tiny_model, AugmentedView(ArrayImage(pixels), PARAMS))
     with CropCache.open(ArrayImage(pixels), "device", CPU) as crop:
-        view = DeviceAugmentedView(crop, PARAMS, CPU, colour_table=True)
+        view = DeviceAugmentedView(crop, PARAMS, CPU, colour_table=colour_table)
         loss, got = step(tiny_model, view)
-    assert view.jitter.table is not None
+    assert (view.jitter.table is not None) == colour_table
     assert torch.equal(loss, want_loss)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)

@@ -13,16 +13,17 @@ the CPU, on every uint8 colour (``tests/test_device_jitter.py``):
   computes is computed here by the same IEEE operation on the same operands, so it is the
   same number (the module's helpers say why for each step);
 * a colour table (:func:`jitter_table`, :func:`apply_jitter_table`): the jitter depends on
-  the 24-bit colour only, so one slide's jitter is a table of 2^24 jittered colours, built
+  the 24-bit colour only, so one slide's jitter is a table of 2^24 jittered colours, computed
   by the arithmetic above, and a tile is jittered by one gather.
 
-:class:`ColourJitter` chooses between them per augmented view: the table costs as much as
-jittering 2^24 pixels by arithmetic, and is built once that many are due.
+:class:`ColourJitter` is one slide's jitter: through a table filled on demand (each colour
+computed once, on the CPU) or built whole (on a GPU), or by arithmetic alone.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import torch
@@ -153,104 +154,138 @@ def jitter_hsv_torch(pixels: torch.Tensor, hsv_shift: tuple[float, float, float]
 
 
 # ----------------------------------------------------------------------------- the colour table
+# A table entry is the int32 whose four bytes are (r', g', b', 1); 0 marks a colour not yet
+# computed (a table filled on demand). Bytes are written and read through the same byte
+# view, so the layout does not depend on the machine's byte order.
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _colour_codes(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., 3, h, w) uint8 -> (n,) int32 codes (r << 16) | (g << 8) | b, pixels in C order."""
+    r, g, b = (pixels.select(-3, k) for k in range(3))  # strided views are fine: no copy first
+    codes = r.to(torch.int32).bitwise_left_shift_(16)
+    codes |= g.to(torch.int32).bitwise_left_shift_(8)
+    codes |= b
+    return codes.reshape(-1)
+
+
+def _pack(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, m) uint8 jittered colours -> (m,) int32 table entries (bytes r', g', b', 1)."""
+    entries = torch.ones((rgb.shape[1], 4), dtype=torch.uint8, device=rgb.device)
+    entries[:, :3] = rgb.T
+    return entries.view(torch.int32).view(-1)
+
+
+def _unpack(entries: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(n,) int32 table entries of (..., 3, h, w) tiles in C order of (..., h, w) -> the tiles."""
+    *lead, _, height, width = shape
+    rgb = entries.view(torch.uint8).view(-1, 4)[:, :3].T  # (3, n)
+    return rgb.reshape(3, *lead, height, width).movedim(0, -3).contiguous()
+
+
+def _all_present(entries: torch.Tensor) -> bool:
+    """No entry is 0 (on a little-endian machine entries are >= 2^24, and min() is the cheaper scan)."""
+    if entries.numel() == 0:
+        return True
+    return bool(entries.min() > 0) if _LITTLE_ENDIAN else bool(entries.all())
+
+
 def jitter_table(hsv_shift: tuple[float, float, float], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(2^24,) int32 on ``device``: entry (r << 16) | (g << 8) | b holds the jittered colour of
-    (r, g, b) as the four bytes (r', g', b', 0) (:func:`apply_jitter_table` reads them back).
+    """(2^24,) int32 on ``device``, complete: entry (r << 16) | (g << 8) | b holds the jittered
+    colour of (r, g, b) (:func:`apply_jitter_table` reads it).
 
     Built by :func:`jitter_hsv_torch` on every colour, in chunks (temporaries O(chunk)); costs
-    as much as jittering 2^24 pixels (~0.5-1 s on one CPU core, milliseconds on a GPU).
+    as much as jittering 2^24 pixels by arithmetic (~0.5-1 s on one CPU core, milliseconds on
+    a GPU).
     """
     shift = _shift(hsv_shift)
     device = torch.device(device)
-    table = torch.zeros((TABLE_ENTRIES, 4), dtype=torch.uint8, device=device)
+    table = torch.empty(TABLE_ENTRIES, dtype=torch.int32, device=device)
     step = 2**20
     for start in range(0, TABLE_ENTRIES, step):
         codes = torch.arange(start, start + step, dtype=torch.int32, device=device)
         rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255]).to(torch.uint8)  # (3, step)
-        table[start : start + step, :3] = jitter_hsv_torch(rgb[:, None], shift)[:, 0].T
-    return table.view(torch.int32).view(TABLE_ENTRIES)
+        table[start : start + step] = _pack(jitter_hsv_torch(rgb[:, None], shift)[:, 0])
+    return table
 
 
 def apply_jitter_table(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Jitter (..., 3, h, w) uint8 RGB tiles by a :func:`jitter_table` (on the same device): one gather."""
+    """Jitter (..., 3, h, w) uint8 RGB tiles by a complete :func:`jitter_table` (on the same
+    device): one gather. Returns contiguous uint8 tiles."""
     _check_tiles(pixels, "apply_jitter_table")
     if table.shape != (TABLE_ENTRIES,) or table.dtype != torch.int32:
         raise ValueError(f"not a colour table from jitter_table: {table.dtype} of shape {tuple(table.shape)}")
-    planes = pixels.movedim(-3, 0).reshape(3, pixels.numel() // 3)  # (3, n)
-    r, g, b = (p.to(torch.int32) for p in planes)
-    codes = r.mul_(65536).add_(g.mul_(256)).add_(b)
-    words = table.index_select(0, codes)  # (n,) int32: bytes (r', g', b', 0)
-    rgb = words.view(torch.uint8).view(-1, 4)[:, :3].T  # (3, n)
-    return rgb.reshape(3, *pixels.shape[:-3], *pixels.shape[-2:]).movedim(0, -3).contiguous()
+    return _unpack(table.index_select(0, _colour_codes(pixels)), pixels.shape)
 
 
 class ColourJitter:
-    """One slide's colour jitter on ``device``: arithmetic, or a colour table once it pays.
+    """One slide's colour jitter on ``device``, by arithmetic or through a colour table.
 
-    Building the table (:func:`jitter_table`) costs as much as jittering ``TABLE_ENTRIES``
-    pixels by arithmetic; a gather in it costs a fraction of the arithmetic per pixel. So the
-    table is built once ``build_after`` pixels have been jittered by arithmetic (default
-    ``TABLE_ENTRIES``: at most about twice the cost of the better choice made in hindsight),
-    precisely: by the first call that would take the count past ``build_after``; so
-    ``build_after=0`` builds it at the first call, ``build_after=None`` never. Both
-    ways give the same bytes. Thread-safe: while one thread builds the table, the others go
-    on by arithmetic.
+    With ``table=True`` the jittered colours are kept in a table of all 2^24 colours
+    (64 MiB), so that each colour is computed once per slide and every later pixel of that
+    colour costs one gather. On the CPU the table is filled on demand: a tile's colours are
+    looked up, and only those not in the table yet are computed (by
+    :func:`jitter_hsv_torch`) and added; a slide holds far fewer distinct colours than it
+    has pixels, and far fewer than 2^24, so this costs less than building the whole table.
+    On a GPU the whole table is built at the first call (:func:`jitter_table`, milliseconds),
+    which keeps the reads free of the host synchronisations a miss check needs.
+    With ``table=False`` every call computes by arithmetic. Every way gives the same bytes.
+
+    Thread-safe: tiles are looked up concurrently and new colours are added under a lock. A
+    concurrent lookup of a colour being added finds it or finds 0 and computes it again (the
+    entries are aligned int32 words, written whole, and a colour's entry never changes).
 
     Args:
         hsv_shift: (dh, ds, dv) as for :func:`jitter_hsv_torch`.
         device: where the table lives (the device of the tiles).
-        build_after: arithmetic pixels before the table is built; 0 = at once; None = never.
+        table: keep a colour table (created at the first call), or compute every pixel.
     """
 
-    def __init__(
-        self,
-        hsv_shift: tuple[float, float, float],
-        device: torch.device | str = "cpu",
-        build_after: int | None = TABLE_ENTRIES,
-    ) -> None:
-        if build_after is not None and build_after < 0:
-            raise ValueError(f"build_after must be >= 0 pixels or None (never), got {build_after}")
+    def __init__(self, hsv_shift: tuple[float, float, float], device: torch.device | str = "cpu", table: bool = True):
         self.hsv_shift = _shift(hsv_shift)
         self.device = torch.device(device)
-        self.build_after = build_after
+        self.use_table = bool(table)
         self._lock = threading.Lock()
-        self._jittered = 0  # pixels jittered by arithmetic so far
-        self._building = False
         self._table: torch.Tensor | None = None
 
     @property
     def table(self) -> torch.Tensor | None:
-        """The colour table once built, else None."""
+        """The (2^24,) int32 colour table (0 = a colour not computed yet), once created; else None."""
         return self._table
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Jittered (..., 3, h, w) uint8 tiles on their device (``self.device`` for the table)."""
-        _check_tiles(pixels, "ColourJitter")
-        n = pixels.numel() // 3
+    def _the_table(self) -> torch.Tensor:
         with self._lock:
-            table = self._table
-            build = (
-                table is None
-                and not self._building
-                and self.build_after is not None
-                and self._jittered + n > self.build_after
-            )
-            if build:
-                self._building = True
-            elif table is None:
-                self._jittered += n
-        if build:
-            try:
-                table = jitter_table(self.hsv_shift, self.device)
-                if table.device.type == "cuda":
-                    torch.cuda.current_stream(table.device).synchronize()  # before other threads' streams read it
-            finally:
-                with self._lock:
-                    self._table, self._building = table, False
-        if table is not None and pixels.device == table.device:
-            return apply_jitter_table(pixels, table)
-        return jitter_hsv_torch(pixels, self.hsv_shift)
+            if self._table is None:
+                if self.device.type == "cpu":
+                    self._table = torch.zeros(TABLE_ENTRIES, dtype=torch.int32)
+                else:
+                    table = jitter_table(self.hsv_shift, self.device)
+                    if table.device.type == "cuda":
+                        torch.cuda.current_stream(table.device).synchronize()  # before other threads' streams read it
+                    self._table = table
+            return self._table
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Jittered (..., 3, h, w) uint8 tiles (contiguous) on the tiles' device."""
+        _check_tiles(pixels, "ColourJitter")
+        if not self.use_table or pixels.device != self.device:
+            return jitter_hsv_torch(pixels, self.hsv_shift)
+        table = self._the_table()
+        codes = _colour_codes(pixels)
+        entries = table.index_select(0, codes)  # (n,)
+        if pixels.device.type == "cpu" and not _all_present(entries):
+            missing = (entries == 0).nonzero().squeeze(1)  # pixels whose colour is new to the table
+            new_codes = codes[missing]
+            rgb = torch.stack([new_codes >> 16, (new_codes >> 8) & 255, new_codes & 255]).to(torch.uint8)  # (3, m)
+            new = _pack(jitter_hsv_torch(rgb[:, None], self.hsv_shift)[:, 0])
+            entries[missing] = new
+            with self._lock:
+                table[new_codes] = new  # a colour repeated among them gets the same entry each time
+        return _unpack(entries, pixels.shape)
 
     def __repr__(self) -> str:
-        state = "table" if self._table is not None else f"arithmetic, {self._jittered} px"
+        if self._table is None:
+            state = "table, not created yet" if self.use_table else "arithmetic"
+        else:
+            state = "table"
         return f"ColourJitter({self.hsv_shift}, {self.device}, {state})"
