@@ -93,7 +93,9 @@ def per_pixel(device: torch.device, side: int, repeat: int) -> None:
     rng = np.random.default_rng(0)
     random = rng.integers(0, 256, (3, side, side), dtype=np.uint8)
     slide = synthesize_slide((2 * side, 2 * side), True, 0).rgb  # (H, W, 3)
-    tissue = np.ascontiguousarray(np.moveaxis(slide, -1, 0)[:, side // 2 : side // 2 + side, side // 2 : side // 2 + side])
+    tissue = np.ascontiguousarray(
+        np.moveaxis(slide, -1, 0)[:, side // 2 : side // 2 + side, side // 2 : side // 2 + side]
+    )
     start = clock(device)
     table = jitter_table(SHIFT, device)
     build_s = clock(device) - start
@@ -120,7 +122,9 @@ def per_pixel(device: torch.device, side: int, repeat: int) -> None:
             row.append(seconds / n * 1e9)
         print(f"    {name:48s} {row[0]:15.1f} {row[1]:15.1f}")
     distinct = len(np.unique(tissue.reshape(3, -1).astype(np.int64).T @ np.array([65536, 256, 1])))
-    print(f"    building the complete table (jitter_table): {build_s:.2f} s ({build_s / 2**24 * 1e9:.1f} ns per colour)")
+    print(
+        f"    building the complete table (jitter_table): {build_s:.2f} s ({build_s / 2**24 * 1e9:.1f} ns per colour)"
+    )
     print(f"    the slide region has {distinct} distinct colours ({distinct / n * 100:.1f}% of its pixels)")
 
 
