@@ -12,8 +12,8 @@
 (2) One phase-2 step's data work on a synthetic JPEG TIFF slide, as training runs it: the
     crop decoded once into a ``CropCache``, then every tile of the forward and the backward
     plan (ResNet-34 halos, ``--tile``) read through ``DeviceAugmentedView`` with flips and a
-    quarter turn, without and with the colour jitter (by arithmetic, through the colour table
-    filled on demand, and the view's default). The jitter's share = jitter / (decode + jitter), where
+    quarter turn, without and with the colour jitter (the previous formulation, by arithmetic,
+    through the colour table filled on demand, and the view's default). The jitter's share = jitter / (decode + jitter), where
     jitter = (with - without): the data work the jitter adds to a step that decodes once.
 
     python benchmarks/bench_jitter.py                        # CPU, 4096^2 slide, tile 2048
@@ -69,6 +69,16 @@ def previous_jitter(pixels: torch.Tensor, hsv_shift: tuple[float, float, float])
     table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q]).view(3, 6, *v.shape)
     rgb = torch.gather(table, 1, sector.unsqueeze(0).unsqueeze(0).expand(3, 1, *v.shape))[:, 0]
     return torch.clamp(torch.round(rgb * 255.0), 0, 255).to(torch.uint8)
+
+
+class PreviousView(DeviceAugmentedView):
+    """DeviceAugmentedView as it was before the rewrite: flips and turns, then previous_jitter."""
+
+    def _read_inside(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        block = self.source.read(*self.source_region(y, x, h, w))
+        if not isinstance(block, torch.Tensor):
+            block = torch.from_numpy(np.ascontiguousarray(block))
+        return previous_jitter(self.transform_tensor(block.to(self.device)), self.params.hsv_shift)
 
 
 def clock(device: torch.device) -> float:
@@ -154,12 +164,14 @@ def step_share(slide_path: Path, device: torch.device, tile: int, repeat: int) -
             f"    decode once (CropCache fill): {decode:.2f}; tiles read through the view: {read / area:.2f}x the crop"
         )
         geometry = best(lambda: read_plans(DeviceAugmentedView(crop, GEOMETRY_ONLY, device), tile), device, repeat)
-        for name, table in (("arithmetic", False), ("colour table", True), ("default", None)):
-            augmented = best(
-                lambda table=table: read_plans(DeviceAugmentedView(crop, AUGMENT, device, colour_table=table), tile),
-                device,
-                repeat,
-            )
+        ways = {
+            "previous": lambda: PreviousView(crop, AUGMENT, device),
+            "arithmetic": lambda: DeviceAugmentedView(crop, AUGMENT, device, colour_table=False),
+            "colour table": lambda: DeviceAugmentedView(crop, AUGMENT, device, colour_table=True),
+            "default": lambda: DeviceAugmentedView(crop, AUGMENT, device),
+        }
+        for name, make_view in ways.items():
+            augmented = best(lambda make_view=make_view: read_plans(make_view(), tile), device, repeat)
             jitter = max(augmented - geometry, 0.0)
             print(
                 f"    colour jitter, {name:12s} {jitter:6.2f} s = {jitter / read * 1e9:5.1f} ns per pixel read; "

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch_impl.slides import device_jitter
 from torch_impl.slides.augment import AugmentedView, jitter_hsv
 from torch_impl.slides.device_jitter import (
     TABLE_ENTRIES,
@@ -131,8 +132,11 @@ def test_a_wrong_table_is_refused(table_and_shift):
 
 
 # ----------------------------------------------------------------------------- one slide's jitter
-def test_the_table_is_filled_with_the_colours_seen_and_only_those(table_and_shift):
-    """On the CPU the table starts empty; each call adds its new colours, computed exactly."""
+@pytest.mark.parametrize("chunk", [7, 2**18])
+def test_the_table_is_filled_with_the_colours_seen_and_only_those(table_and_shift, chunk, monkeypatch):
+    """On the CPU the table starts empty; each call adds its new colours, computed exactly
+    (looked up in chunks: of 7 pixels a tile spans many, its colours repeat across them)."""
+    monkeypatch.setattr(device_jitter, "LOOKUP_CHUNK_PIXELS", chunk)
     full, shift = table_and_shift
     rng = np.random.default_rng(3)
     palette = rng.integers(0, 256, (3, 300), dtype=np.uint8)  # tiles drawn from 300 colours, as a slide repeats its own
@@ -152,8 +156,9 @@ def test_the_table_is_filled_with_the_colours_seen_and_only_those(table_and_shif
     assert torch.equal(never(tiles[3]), jitter(tiles[3])) and never.table is None
 
 
-def test_concurrent_calls_share_one_table_and_agree():
+def test_concurrent_calls_share_one_table_and_agree(monkeypatch):
     """Eight threads on tiles with shared colours: every result exact, the table consistent."""
+    monkeypatch.setattr(device_jitter, "LOOKUP_CHUNK_PIXELS", 999)
     shift = (-0.2, 0.3, 0.1)
     rng = np.random.default_rng(5)
     palette = rng.integers(0, 256, (3, 2000), dtype=np.uint8)

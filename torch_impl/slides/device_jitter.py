@@ -38,6 +38,10 @@ TABLE_ENTRIES = 2**24
 CHUNK_PIXELS = {"cpu": 2**15}
 DEVICE_CHUNK_PIXELS = 2**22
 
+#: Pixels per table lookup on the CPU: a chunk's new colours are in the table for the next
+#: chunks (a tile's repeated colours are computed about once), and its temporaries stay small.
+LOOKUP_CHUNK_PIXELS = 2**18
+
 # Hue sector i = floor(6 H') (6 where 6 H' rounds up to 6, the same as 0) -> (R, G, B), with
 # p = V(1 - S), q = V(1 - S f), t = V(1 - S (1 - f)):
 #   0: (V, t, p)  1: (q, V, p)  2: (p, V, t)  3: (p, q, V)  4: (t, p, V)  5: (V, p, q)
@@ -271,17 +275,31 @@ class ColourJitter:
         if not self.use_table or pixels.device != self.device:
             return jitter_hsv_torch(pixels, self.hsv_shift)
         table = self._the_table()
-        codes = _colour_codes(pixels)
-        entries = table.index_select(0, codes)  # (n,)
-        if pixels.device.type == "cpu" and not _all_present(entries):
-            missing = (entries == 0).nonzero().squeeze(1)  # pixels whose colour is new to the table
-            new_codes = codes[missing]
-            rgb = torch.stack([new_codes >> 16, (new_codes >> 8) & 255, new_codes & 255]).to(torch.uint8)  # (3, m)
-            new = _pack(jitter_hsv_torch(rgb[:, None], self.hsv_shift)[:, 0])
-            entries[missing] = new
-            with self._lock:
-                table[new_codes] = new  # a colour repeated among them gets the same entry each time
-        return _unpack(entries, pixels.shape)
+        if pixels.device.type != "cpu":  # the whole table is there
+            return apply_jitter_table(pixels, table)
+        *lead, _, height, width = pixels.shape
+        flat = pixels.reshape(math.prod(lead), 3, height * width)  # (B, 3, n)
+        out = torch.empty(flat.shape, dtype=torch.uint8)
+        for b in range(flat.shape[0]):  # in chunks of LOOKUP_CHUNK_PIXELS (see there)
+            for start in range(0, height * width, LOOKUP_CHUNK_PIXELS):
+                stop = start + LOOKUP_CHUNK_PIXELS
+                codes = _colour_codes(flat[b, :, None, start:stop])  # (m,)
+                entries = table.index_select(0, codes)
+                if not _all_present(entries):
+                    self._add_missing(table, codes, entries)
+                out[b, :, start:stop] = entries.view(torch.uint8).view(-1, 4)[:, :3].T
+        return out.view(pixels.shape)
+
+    def _add_missing(self, table: torch.Tensor, codes: torch.Tensor, entries: torch.Tensor) -> None:
+        """Compute the colours whose ``entries`` are 0 (new to the table), and put them in
+        ``entries`` (in place) and in the table."""
+        missing = (entries == 0).nonzero().squeeze(1)
+        new_codes = codes[missing]
+        rgb = torch.stack([new_codes >> 16, (new_codes >> 8) & 255, new_codes & 255]).to(torch.uint8)  # (3, m)
+        new = _pack(jitter_hsv_torch(rgb[:, None], self.hsv_shift)[:, 0])
+        entries[missing] = new
+        with self._lock:
+            table[new_codes] = new  # a colour repeated among them gets the same entry each time
 
     def __repr__(self) -> str:
         if self._table is None:
