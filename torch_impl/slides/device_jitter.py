@@ -34,7 +34,7 @@ __all__ = ["TABLE_ENTRIES", "ColourJitter", "apply_jitter_table", "jitter_hsv_to
 TABLE_ENTRIES = 2**24
 
 #: Pixels per chunk of the arithmetic: on the CPU the chunk's temporaries stay in the cache
-#: (2^15 pixels: ~4x faster than whole 1 Mpx planes here); on a GPU a chunk bounds their memory.
+#: (2^15 pixels: ~1.4x faster than whole 1 Mpx planes on one core); on a GPU a chunk bounds their memory.
 CHUNK_PIXELS = {"cpu": 2**15}
 DEVICE_CHUNK_PIXELS = 2**22
 
