@@ -21,7 +21,7 @@ from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, build_model
 from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache, choose_mode
-from torch_impl.slides.device_view import DeviceAugmentedView
+from torch_impl.slides.device_view import TABLE_MIN_PIXELS, DeviceAugmentedView
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.slide import ArrayImage
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
@@ -95,6 +95,57 @@ def test_device_augmentation_equals_numpy_augmentation(data, p, cache, band_rows
         assert view.shape == AugmentedView(source, p).shape
         np.testing.assert_array_equal(got.numpy(), AugmentedView(source, p).read(y, x, h, w))
         np.testing.assert_array_equal(got.numpy(), white_padded(whole_image_augmented(image, p), y, x, h, w))
+
+
+class CoordinateImage:
+    """A lazy (3, H, W) uint8 image too large to hold in a test: the pixel at (y, x) has colour
+    (y mod 256, x mod 256, (7 y + 3 x) mod 256)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, height: int, width: int):
+        self.shape = (3, height, width)
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        rows, cols = np.arange(y, y + h)[:, None], np.arange(x, x + w)[None, :]
+        planes = [rows + 0 * cols, cols + 0 * rows, 7 * rows + 3 * cols]
+        return (np.stack(planes) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        AugmentParams(True, False, 1, (0.03, -0.1, 0.08)),
+        AugmentParams(False, True, 2, (-0.41, 0.5, -0.5)),
+        AugmentParams(True, True, 3, (0.5, -0.5, 0.5)),
+    ],
+)
+def test_the_colour_table_gives_the_numpy_augmentation(p):
+    """colour_table=True (through the slide's colour table), False (the arithmetic) and the
+    default: the same bytes as AugmentedView, inside, across and outside the border."""
+    image = np.random.default_rng(11).integers(0, 256, (3, 37, 29), dtype=np.uint8)
+    views = {table: DeviceAugmentedView(ArrayImage(image), p, CPU, colour_table=table) for table in (True, False, None)}
+    regions = [(0, 0, *views[True].shape[1:]), (-5, 3, 20, 40), (10, -7, 9, 9), (30, 20, 15, 15), (-50, -50, 4, 4)]
+    for y, x, h, w in regions:
+        want = AugmentedView(ArrayImage(image), p).read(y, x, h, w)
+        for table, view in views.items():
+            np.testing.assert_array_equal(view.read(y, x, h, w).numpy(), want, err_msg=f"colour_table={table}")
+    assert views[True].jitter.table is not None
+    assert views[False].jitter.table is None and views[None].jitter.table is None  # small: arithmetic
+
+
+def test_views_of_at_least_table_min_pixels_jitter_through_the_table():
+    """Default colour_table: the table for a view of >= TABLE_MIN_PIXELS pixels (filled with the
+    colours read), the arithmetic below; the same bytes as AugmentedView either way."""
+    p = AugmentParams(False, True, 1, (0.1, -0.2, 0.2))
+    for (height, width), table in (((1024, 1024), True), ((1024, 1023), False)):
+        assert (height * width >= TABLE_MIN_PIXELS) == table
+        view = DeviceAugmentedView(CoordinateImage(height, width), p, CPU)
+        tile = view.read(100, 300, 500, 600)
+        assert (view.jitter.table is not None) == table
+        want = AugmentedView(CoordinateImage(height, width), p).read(100, 300, 500, 600)
+        np.testing.assert_array_equal(tile.numpy(), want)
+    assert DeviceAugmentedView(CoordinateImage(1024, 1024), AugmentParams(True)).jitter is None  # no colour jitter
 
 
 def test_every_orientation_of_a_labelled_image():
@@ -334,6 +385,20 @@ def test_cached_and_uncached_steps_have_bitwise_equal_gradients_and_the_cache_de
             np.testing.assert_array_equal(counting.counts, uncached.counts)
         else:
             assert (counting.counts == 1).all(), mode
+
+
+@pytest.mark.parametrize("colour_table", [True, False])
+def test_either_way_of_jittering_leaves_the_gradients_bit_for_bit(tiny_model, pixels, colour_table):
+    """The same step with the jitter through the slide's colour table (the default at this size)
+    and by arithmetic: equal loss and gradients, bit for bit, to today's path (NumPy AugmentedView)."""
+    want_loss, want = step(tiny_model, AugmentedView(ArrayImage(pixels), PARAMS))
+    with CropCache.open(ArrayImage(pixels), "device", CPU) as crop:
+        view = DeviceAugmentedView(crop, PARAMS, CPU, colour_table=colour_table)
+        loss, got = step(tiny_model, view)
+    assert (view.jitter.table is not None) == colour_table
+    assert torch.equal(loss, want_loss)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_phase_one_reads_each_pixel_once(tiny_model, pixels):
