@@ -11,8 +11,11 @@ for the demo the painter it always used (`synthesize_slide` + `write_pyramid_tif
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from scipy import ndimage, stats
 from scipy.spatial.distance import pdist
 
 from torch_impl.pipeline.demo import MakeDemoDataOptions, main_make_demo_data
+from torch_impl.pipeline.options import field_docs
 from torch_impl.slides import Slide, discover, make_demo_data, rasterize_polygons, read_asap_xml, synthetic
 from torch_impl.slides.synthetic import DIFFICULTIES, pyramid, slide_seed, synthesize_slide, write_pyramid_tiff
 from torch_impl.slides.synthetic_camelyon import (
@@ -387,3 +391,15 @@ def test_bad_arguments_say_what_to_change():
         CamelyonParams(fold_rate=1.5)
     with pytest.raises(ValueError, match="mpp"):
         synthesize_camelyon_slide((256, 256), True, 0, mpp=0.0)
+
+
+def test_parameter_table_in_the_docs_matches_the_code():
+    """docs/synthetic_camelyon.md lists every CamelyonParams field with its default and comment."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "synthetic_camelyon.md").read_text()
+    text = text[text.index("## Parameters") :]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \| .*\|$", text, flags=re.MULTILINE))
+    comments = field_docs(CamelyonParams)
+    for f in dataclasses.fields(CamelyonParams):
+        assert rows.get(f.name) == repr(f.default), f.name
+        assert f"| `{f.name}` | {f.default!r} | {comments[f.name][1]} |" in text, f.name
+    assert set(rows) == {f.name for f in dataclasses.fields(CamelyonParams)}

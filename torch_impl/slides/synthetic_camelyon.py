@@ -103,14 +103,14 @@ class CamelyonParams:
     stroma_eosin: tuple[float, float] = (0.25, 0.55)  # stroma E OD from the fibre texture (low, high)
     tissue_haematoxylin: float = 0.12  # H OD of all tissue (faint purple tint)
     fibre_um: float = 4.0  # grid step of the fibre texture
-    normal_nuclei_per_um2: float = 1 / 13.0**2  # scattered stromal / lymphoid nuclei
+    normal_nucleus_spacing_um: float = 13.0  # scattered nuclei: one per spacing x spacing um on average (Poisson)
     normal_nucleus_sigma_um: float = 1.25  # Gaussian sigma of a normal nucleus (diameter ~4.5 um)
     normal_nucleus_amplitude: tuple[float, float] = (0.9, 1.15)  # blob heights: near-uniform sizes
     normal_nucleus_od: float = 1.45  # H OD of a normal nucleus (dark)
     # --- lymphocyte regions (confounder) ---
     lymph_regions_mean: float = 1.5  # Poisson mean of the number of dense lymphocyte regions
     lymph_radius_um: tuple[float, float] = (40.0, 220.0)  # region radius, log-uniform
-    lymph_nuclei_per_um2: float = 1 / 6.5**2  # crowded small nuclei
+    lymph_nucleus_spacing_um: float = 6.5  # the same small nuclei, crowded: one per spacing^2 um^2 (Poisson)
     # --- other confounders ---
     fold_rate: float = 0.3  # probability of a tissue fold
     fold_width_um: tuple[float, float] = (25.0, 120.0)  # band width, uniform
@@ -127,12 +127,15 @@ class CamelyonParams:
     max_lesion_fraction: float = 0.7  # a lesion's diameter is at most this share of the shorter side
     satellite_mean: float = 1.0  # Poisson mean of extra, smaller lesions on a tumour slide
     tumor_nucleus_spacing_um: float = 14.0  # lattice step of the tumour nuclei (crowded sheet)
-    tumor_nucleus_sigma_um: tuple[float, float] = (2.6, 3.4)  # short and long sigma of the size classes
-    tumor_elongation: float = 1.5  # axis ratio of the elongated nuclei (a third of them)
+    tumor_nucleus_sigma_um: tuple[float, float] = (
+        2.6,
+        3.4,
+    )  # (s1, s2): round nuclei sigma (s1+s2)/2, elongated ones s2 x s1
+    tumor_elongation: float = 1.5  # extra axis ratio of the elongated nuclei (half of them), on top of s2/s1
     tumor_nucleus_amplitude: tuple[float, float] = (0.5, 1.5)  # blob heights: pleomorphic sizes
     tumor_nucleus_od: float = 0.8  # H OD of a tumour nucleus before texture (vesicular, paler)
     tumor_chromatin: float = 0.6  # relative std of the chromatin texture in tumour nuclei
-    chromatin_um: float = 1.0  # grain of the chromatin texture (Gaussian sigma)
+    chromatin_um: float = 1.0  # grain of the chromatin texture: noise on a grid of this step, bilinear
     tumor_eosin: float = 0.32  # tumour cytoplasm E OD (paler than stroma: pre-compensation)
     compensation_sigma_um: float = 6.0  # low-pass scale of the coarse-colour compensation
 
@@ -355,8 +358,8 @@ def _paint_normal(
     fibre = _upsample(_smooth_field(rng, (math.ceil(h / fc), math.ceil(w / fc)), 1.5), (h, w))
     fibre = np.clip(0.5 + 0.3 * fibre, 0.0, 1.0)
     per_px = p_um**2
-    prob = (params.normal_nuclei_per_um2 * per_px) * (1 - lymph_weight) + (
-        params.lymph_nuclei_per_um2 * per_px
+    prob = (per_px / params.normal_nucleus_spacing_um**2) * (1 - lymph_weight) + (
+        per_px / params.lymph_nucleus_spacing_um**2
     ) * lymph_weight
     s = params.normal_nucleus_sigma_um / p_um
     occ = _occupancy(_nucleus_blobs(rng, (h, w), prob, (s, s), params.normal_nucleus_amplitude)) * tissue
