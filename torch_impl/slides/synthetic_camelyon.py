@@ -23,9 +23,11 @@ is in micrometres and converted with the painting resolution):
   * Lesions (tumour slides): the largest lesion's diameter comes from
     :func:`sample_lesion_diameters` (categories itc / micro / macro like CAMELYON16's, the
     macro class scaled to the 2 mm slide), plus Poisson(`satellite_mean`) smaller satellites.
-    Each is a smooth star-shaped polygon whose largest diameter (Feret) is the drawn one.
-    Inside a lesion the nuclei are larger, pleomorphic (random sizes and elongation),
-    crowded and textured (chromatin noise), and paler per unit area.
+    Each is a smooth star-shaped polygon whose largest diameter (Feret) is the drawn one,
+    inside tissue and apart from the others (shrunk where there is no room: the recorded
+    sizes are the painted ones). Inside a lesion the nuclei are larger, pleomorphic (random
+    sizes and elongation), crowded (a hard-core point process) and textured (chromatin
+    noise), and paler per unit area.
   * Coarse-scale compensation: a tumour painting T_tum and the normal painting T_norm of the
     same place are combined as T = T_tum - G(T_tum) + G(T_norm) inside lesions (G: Gaussian
     low-pass of sigma `compensation_sigma_um`, in transmittance, i.e. in linear RGB). At
@@ -45,18 +47,17 @@ from the same seed are identical outside the lesions (and inside them at coarse 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import pdist
 
 from .camelyon import rasterize_polygons
 from .synthetic import SyntheticSlide
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "CAMELYON_PARAMS",
@@ -126,7 +127,7 @@ class CamelyonParams:
     macro_mm: tuple[float, float] = (1.0, 1.4)  # macro-metastasis diameter range (scaled 1/2), uniform
     max_lesion_fraction: float = 0.7  # a lesion's diameter is at most this share of the shorter side
     satellite_mean: float = 1.0  # Poisson mean of extra, smaller lesions on a tumour slide
-    tumor_nucleus_spacing_um: float = 14.0  # lattice step of the tumour nuclei (crowded sheet)
+    tumor_nucleus_spacing_um: float = 11.0  # hard-core distance between tumour nuclei (a crowded sheet)
     tumor_nucleus_sigma_um: tuple[float, float] = (
         2.6,
         3.4,
@@ -369,27 +370,34 @@ def _paint_normal(
     return h_od.astype(np.float32), e_od.astype(np.float32)
 
 
-def _lattice_blobs(
+def _hard_core_blobs(
     rng: np.random.Generator,
     shape: tuple[int, int],
-    spacing: float,
+    distance: float,
     sigmas: list[tuple[float, float]],
     amplitude: tuple[float, float],
 ) -> np.ndarray:
-    """(h, w) float32 Gaussian blobs on a jittered square lattice of `spacing` px (one nucleus
-    per cell, uniformly placed in the cell's middle 60%: crowded, yet rarely overlapping), each
-    of a random class of `sigmas` ((sigma_y, sigma_x) px) and peak height U(amplitude)."""
-    gy, gx = math.ceil(shape[0] / spacing), math.ceil(shape[1] / spacing)
-    ys = ((np.arange(gy)[:, None] + rng.uniform(0.2, 0.8, size=(gy, gx))) * spacing).astype(np.int64)
-    xs = ((np.arange(gx)[None, :] + rng.uniform(0.2, 0.8, size=(gy, gx))) * spacing).astype(np.int64)
-    cls = rng.integers(len(sigmas), size=(gy, gx))
-    heights = rng.uniform(*amplitude, size=(gy, gx)).astype(np.float32)
-    keep = (ys < shape[0]) & (xs < shape[1])
+    """(h, w) float32 Gaussian blobs at the points of a hard-core process: crowded nuclei that
+    rarely overlap, with no lattice (a lattice would alias into a pattern visible at coarse scale).
+
+    Matern type II thinning: Poisson points of density 2 / distance^2 with random marks; of
+    every pair closer than `distance` the point with the larger mark goes. Each kept point is a
+    blob of a random class of `sigmas` ((sigma_y, sigma_x) px) and peak height U(amplitude).
+    """
+    n = int(rng.poisson(2.0 * shape[0] * shape[1] / distance**2))
+    pts = rng.uniform((0, 0), shape, size=(n, 2))
+    marks = rng.uniform(size=n)
+    pairs = cKDTree(pts).query_pairs(distance, output_type="ndarray")  # (m, 2) indices, i < j
+    loser = np.where(marks[pairs[:, 0]] > marks[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    keep = np.ones(n, dtype=bool)
+    keep[loser] = False
+    ys, xs = pts[keep].astype(np.int64).T
+    cls = rng.integers(len(sigmas), size=ys.size)
+    heights = rng.uniform(*amplitude, size=ys.size).astype(np.float32)
     blobs = np.zeros(shape, dtype=np.float32)
     for k, sigma in enumerate(sigmas):  # one blur per size class
-        sel = keep & (cls == k)
         impulses = np.zeros(shape, dtype=np.float32)
-        impulses[ys[sel], xs[sel]] = heights[sel]
+        np.add.at(impulses, (ys[cls == k], xs[cls == k]), heights[cls == k])
         blobs += ndimage.gaussian_filter(impulses, sigma, truncate=2.5) * np.float32(2 * np.pi * sigma[0] * sigma[1])
     return blobs
 
@@ -399,7 +407,7 @@ def _paint_tumor(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(H OD, E OD) of tumour everywhere in a `shape` crop: crowded, pleomorphic, textured nuclei.
 
-    Nuclei sit on a jittered lattice (a sheet of cells); half are round, half elongated along
+    Nuclei form a hard-core point process (a crowded sheet); half are round, half elongated along
     y or x (one axis per slide); random blob heights make the sizes vary (pleomorphism).
     """
     s_lo, s_hi = (s / p_um for s in params.tumor_nucleus_sigma_um)
@@ -407,7 +415,7 @@ def _paint_tumor(
     e = params.tumor_elongation**0.5
     long_axis = (s_hi * e, s_lo / e) if rng.uniform() < 0.5 else (s_lo / e, s_hi * e)
     spacing = params.tumor_nucleus_spacing_um / p_um
-    blobs = _lattice_blobs(rng, shape, spacing, [(s_round, s_round), long_axis], params.tumor_nucleus_amplitude)
+    blobs = _hard_core_blobs(rng, shape, spacing, [(s_round, s_round), long_axis], params.tumor_nucleus_amplitude)
     occ = _occupancy(blobs) * tissue
     # chromatin: white noise on a grid of `chromatin_um` cells, upsampled bilinearly (granular texture)
     g = max(1, round(params.chromatin_um / p_um))
@@ -437,11 +445,15 @@ def _place_lesions(
     diameters_px: np.ndarray,
     coarse_tissue: np.ndarray,
     cell: float,
+    min_diameter_px: float,
 ) -> list[np.ndarray]:
-    """Star polygons (level-0 px) of the given diameters, centred inside tissue, not overlapping.
+    """Star polygons (level-0 px) of the given diameters, inside tissue and apart; largest first.
 
-    A centre is drawn among the coarse cells that lie at least a radius deep in tissue and
-    at least the two radii away from the lesions placed before; failing that, the deepest cell.
+    A centre is drawn among the coarse cells that lie at least a radius deep in tissue and at
+    least the two radii (plus 4 cells) away from the lesions placed before. Where no cell has
+    that room, the lesion shrinks to the most room any cell offers (a lesion sticking out of
+    the tissue would change the tissue's outline, a cue visible at any scale), and a satellite
+    is left out if that is below `min_diameter_px`. The polygons have the painted diameters.
     """
     depth = ndimage.distance_transform_edt(coarse_tissue) * cell  # px to the background
     iy, ix = np.indices(coarse_tissue.shape)
@@ -449,17 +461,20 @@ def _place_lesions(
     placed: list[tuple[float, float, float]] = []
     polygons = []
     for d in diameters_px:
-        r = d / 2
-        ok = depth >= r
+        room = depth.copy()  # the largest radius that fits at each cell
         for px, py, pr in placed:
-            ok &= (cx - px) ** 2 + (cy - py) ** 2 >= (pr + r + 4 * cell) ** 2
-        candidates = np.argwhere(ok)
-        if len(candidates) == 0:
-            candidates = np.argwhere(depth == depth.max())
+            room = np.minimum(room, np.hypot(cx - px, cy - py) - pr - 4 * cell)
+        r = min(d / 2, float(room.max()))
+        if 2 * r < min_diameter_px:
+            if placed:
+                continue
+            r = min_diameter_px / 2  # a tumour slide keeps its one lesion, on the deepest tissue
+        candidates = np.argwhere(room >= r)
         y, x = candidates[rng.integers(len(candidates))]
-        y, x = (y + rng.uniform()) * cell, (x + rng.uniform()) * cell
+        y, x = (y + 0.5) * cell, (x + 0.5) * cell  # a cell centre: the room was measured there
         placed.append((x, y, r))
-        polygons.append(_star_polygon(rng, d) + (x, y))
+        # rounded as the ASAP XML writes them, so the annotation read back rasterises to the mask
+        polygons.append(np.round(_star_polygon(rng, 2 * r) + (x, y), 4))
     return polygons
 
 
@@ -541,10 +556,12 @@ def synthesize_camelyon_slide(
     if tumor:
         max_mm = params.max_lesion_fraction * min(H, W) * mpp / 1000
         diameters = sample_lesion_diameters(rng_lesion, max_mm, params)
-        polygons = _place_lesions(rng_lesion, diameters * 1000 / mpp, coarse_tissue, cell)
-        for d, poly in zip(diameters, polygons):
+        min_px = params.itc_mm[0] * 1000 / mpp
+        for poly in _place_lesions(rng_lesion, diameters * 1000 / mpp, coarse_tissue, cell, min_px):
+            d = float(pdist(poly).max()) * mpp / 1000  # the painted diameter (maximum Feret)
             area = _polygon_area(poly) * (mpp / 1000) ** 2
-            lesions.append(Lesion(poly, float(d), area, lesion_category(float(d), params)))
+            lesions.append(Lesion(poly, d, area, lesion_category(d, params)))
+        lesions.sort(key=lambda lesion: -lesion.diameter_mm)
     polygons = [lesion.polygon for lesion in lesions]
     lesion = rasterize_polygons(polygons, (H, W), 1.0) if lesions else np.zeros((H, W), dtype=bool)
     lesion_p = rasterize_polygons(polygons, (h, w), 1.0 / f) if lesions else np.zeros((h, w), dtype=bool)
