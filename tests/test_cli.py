@@ -673,7 +673,15 @@ OLD_COMMANDS = [
         "--n-normal --n-tumor --n-test-normal --n-test-tumor --size --mpp --seed -q -v",
         ["R"],
         dict(
-            root=Path("R"), n_normal=6, n_tumor=6, n_test_normal=4, n_test_tumor=4, size=(2048, 2048), mpp=0.25, seed=0
+            root=Path("R"),
+            n_normal=6,
+            n_tumor=6,
+            n_test_normal=4,
+            n_test_tumor=4,
+            size=(2048, 2048),
+            mpp=0.25,
+            seed=0,
+            difficulty="demo",  # added with the camelyon difficulty; the demo's values are filled in as before
         ),
     ),
 ]
