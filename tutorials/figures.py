@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 
 from reference.tiling import AxisTile, TilePlan
 
-__all__ = ["owned_pixels", "draw_tile_plan"]
+__all__ = ["owned_pixels", "draw_tile_plan", "box_average", "draw_outline"]
 
 
 def owned_pixels(axis_tile: AxisTile, n: int) -> tuple[int, int]:
@@ -79,3 +79,32 @@ def draw_tile_plan(
     ax.set_aspect("equal")
     ax.set_xlabel("column (input pixels)")
     ax.set_ylabel("row (input pixels)")
+
+
+def box_average(image: np.ndarray, factor: int) -> np.ndarray:
+    """Downsample ``image`` by ``factor`` on both axes: each output pixel is the mean of a
+    ``factor`` x ``factor`` block (a box filter, as a slide pyramid's levels are made).
+
+    Args:
+        image: (H, W) or (H, W, C), any numeric dtype; H and W must be multiples of ``factor``.
+        factor: integer >= 1.
+
+    Returns:
+        (H / factor, W / factor[, C]) float64.
+    """
+    H, W = image.shape[:2]
+    if factor < 1 or H % factor or W % factor:
+        raise ValueError(f"image {H} x {W} does not split into {factor} x {factor} blocks; crop it to a multiple first")
+    blocks = np.asarray(image, dtype=np.float64).reshape(H // factor, factor, W // factor, factor, *image.shape[2:])
+    return blocks.mean(axis=(1, 3))
+
+
+def draw_outline(ax, polygon: np.ndarray, scale: float = 1.0, offset: Sequence[float] = (0.0, 0.0), **style) -> None:
+    """Draw a closed (N, 2) (x, y) outline on ``ax`` at ``(polygon - offset) * scale``.
+
+    ``offset`` is in the polygon's units (e.g. the level-0 corner of a crop), ``scale`` turns
+    them into the axes' units (e.g. 0.25 for level-0 pixels at 0.25 um/px onto an axis in um).
+    ``style`` goes to ``ax.plot`` (default: a thin black line).
+    """
+    xy = (np.vstack([polygon, polygon[:1]]) - np.asarray(offset, dtype=np.float64)) * scale  # (N + 1, 2)
+    ax.plot(xy[:, 0], xy[:, 1], **{"color": "black", "lw": 1.0, **style})
