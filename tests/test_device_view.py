@@ -25,6 +25,7 @@ from torch_impl.slides.device_view import TABLE_MIN_PIXELS, DeviceAugmentedView
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.slide import ArrayImage
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
+from torch_impl.slides.tiff_reader import interleaved_chw
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -95,6 +96,38 @@ def test_device_augmentation_equals_numpy_augmentation(data, p, cache, band_rows
         assert view.shape == AugmentedView(source, p).shape
         np.testing.assert_array_equal(got.numpy(), AugmentedView(source, p).read(y, x, h, w))
         np.testing.assert_array_equal(got.numpy(), white_padded(whole_image_augmented(image, p), y, x, h, w))
+
+
+class InterleavedImage(ArrayImage):
+    """Reads like a slide reader: (3, h, w) views of new interleaved (h, w, 3) memory
+    (``interleaved_chw``); keeps the last block it returned."""
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        block = interleaved_chw(h, w)
+        block[...] = super().read(y, x, h, w)
+        self.last = block
+        return block
+
+
+def test_reads_of_interleaved_blocks_are_not_copied_before_the_transform():
+    """The block a slide reader returns reaches the device view's transform as it is: the
+    identity view returns it (same memory), and the colour jitter reads it (same memory), with
+    the bytes of AugmentedView either way."""
+    image = np.random.default_rng(5).integers(0, 256, (3, 40, 30), dtype=np.uint8)
+    source = InterleavedImage(image)
+    identity = DeviceAugmentedView(source, AugmentParams(), CPU)
+    tile = identity.read(3, 4, 20, 25)
+    assert tile.data_ptr() == source.last.ctypes.data and tile.stride() == source.last.strides
+    np.testing.assert_array_equal(tile.numpy(), AugmentedView(ArrayImage(image), AugmentParams()).read(3, 4, 20, 25))
+
+    p = AugmentParams(True, False, 1, (0.05, 0.2, -0.1))
+    for colour_table in (True, False):
+        view = DeviceAugmentedView(source, p, CPU, colour_table=colour_table)
+        jitter, seen = view.jitter, []
+        view.jitter = lambda block, jitter=jitter: seen.append(block.data_ptr()) or jitter(block)
+        got = view.read(-2, 5, 20, 30)
+        assert seen == [source.last.ctypes.data]
+        np.testing.assert_array_equal(got.numpy(), AugmentedView(ArrayImage(image), p).read(-2, 5, 20, 30))
 
 
 class CoordinateImage:

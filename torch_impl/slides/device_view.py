@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ..streaming.sources import to_device
+from ..streaming.sources import host_tensor, to_device
 from .augment import AugmentedView, AugmentParams
 from .device_jitter import ColourJitter
 from .slide import ImageSource, check_region, read_clipped
@@ -115,7 +115,7 @@ class DeviceAugmentedView(AugmentedView):
         moved to the device, then jittered and flipped/rotated there."""
         block = self.source.read(*self.source_region(y, x, h, w))  # (3, ., .) original frame
         if not isinstance(block, torch.Tensor):
-            block = torch.from_numpy(np.ascontiguousarray(block))
+            block = host_tensor(np.asarray(block))  # shares a reader's interleaved view: no copy
         block = to_device(block, self.device)
         if self.jitter is not None:
             block = self.jitter(block)  # pointwise: the same before or after the flips and turns
