@@ -337,6 +337,7 @@ def validate(
         "off" if amp_dtype is None else "bf16",
         config.skip_bad_slides,
         progress=progress,
+        slide_cache=config.slide_cache,  # each slide decoded once, as in training
     )
     rows: list[tuple[str, int, float, float]] = []
     for pred in predictions:
