@@ -25,9 +25,10 @@ Augmentation alone (no decoding, an in-memory region): NumPy `AugmentedView` aga
 One training step's data work: every tile of the streaming ResNet-34 trunk's forward plan
 (tile --step-tile, 5760) and backward plan (tile --step-backward-tile, 2880) of a
 --step-crop^2 crop at 0.5 um/px, read and turned into network input as training does it:
-`CropCache.open(crop, mode, device)` (mode "none": every tile decoded from the file;
-"device": the crop decoded once, on the device, which is host memory on the CPU), seen
-through `DeviceAugmentedView` (identity, or flip + quarter turn + HSV jitter), read through
+`augmented_crop(crop, params, device, mode)` (a `CropCache`; mode "none": every tile decoded
+from the file; "device": the crop decoded once, on the device, which is host memory on the
+CPU; the HSV jitter applied once per crop pixel as the cache fills, per tile in mode none),
+seen through `DeviceAugmentedView` (identity, or flip + quarter turn), read through
 the engine's prefetching `LazySource`, and `to_model_input` on --device. Rate = crop pixels
 per second; "decodes/px" = pixels read from the slide per crop pixel (the cache's bands
 start on tile rows, so with it each stored tile is decoded once). Plus the cache's fill alone
@@ -84,7 +85,7 @@ from torch_impl.models.resnet import resnet34_trunk  # noqa: E402
 from torch_impl.slides import ArrayImage, RegionView, Slide  # noqa: E402
 from torch_impl.slides.augment import AugmentedView, AugmentParams  # noqa: E402
 from torch_impl.slides.crop_cache import CropCache  # noqa: E402
-from torch_impl.slides.device_view import DeviceAugmentedView  # noqa: E402
+from torch_impl.slides.device_view import DeviceAugmentedView, augmented_crop  # noqa: E402
 from torch_impl.slides.synthetic import pyramid, synthesize_slide  # noqa: E402
 from torch_impl.slides.tiff_reader import TiffPyramid, usable_cores  # noqa: E402
 from torch_impl.streaming import StreamingTrunk, to_model_input  # noqa: E402
@@ -271,8 +272,8 @@ def step_data_work(
     view, the engine's prefetching reads of both plans' tiles, `to_model_input` on `device`."""
 
     def run() -> None:
-        with CropCache.open(source, cache, device) as crop:
-            view = LazySource(DeviceAugmentedView(crop, params, device))
+        with augmented_crop(source, params, device, cache) as augmented:
+            view = LazySource(augmented)
             for plan in plans:
                 for _, pixels in prefetched(view, plan.tiles):
                     to_model_input(pixels.to(device, non_blocking=True))

@@ -12,9 +12,12 @@
 (2) One phase-2 step's data work on a synthetic JPEG TIFF slide, as training runs it: the
     crop decoded once into a ``CropCache``, then every tile of the forward and the backward
     plan (ResNet-34 halos, ``--tile``) read through ``DeviceAugmentedView`` with flips and a
-    quarter turn, without and with the colour jitter (the previous formulation, by arithmetic,
-    through the colour table filled on demand, and the view's default). The jitter's share = jitter / (decode + jitter), where
-    jitter = (with - without): the data work the jitter adds to a step that decodes once.
+    quarter turn, without and with the colour jitter per tile read (the previous formulation,
+    by arithmetic, through the colour table filled on demand, and the view's default), and
+    with the jitter applied once per crop pixel as the cache is filled (``augmented_crop``,
+    what training does; the fill and the reads timed together, against the same without
+    jitter). The jitter's share = jitter / (decode + jitter), where jitter = (with - without):
+    the data work the jitter adds to a step that decodes once.
 
     python benchmarks/bench_jitter.py                        # CPU, 4096^2 slide, tile 2048
     python benchmarks/bench_jitter.py --device cuda --size 16384 --tile 5760
@@ -35,7 +38,7 @@ from torch_impl.models.resnet import resnet34_trunk
 from torch_impl.slides.augment import AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.device_jitter import ColourJitter, apply_jitter_table, jitter_hsv_torch, jitter_table
-from torch_impl.slides.device_view import DeviceAugmentedView
+from torch_impl.slides.device_view import DeviceAugmentedView, augmented_crop
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
 from torch_impl.streaming.geometry import module_geometry
@@ -174,9 +177,28 @@ def step_share(slide_path: Path, device: torch.device, tile: int, repeat: int) -
             augmented = best(lambda make_view=make_view: read_plans(make_view(), tile), device, repeat)
             jitter = max(augmented - geometry, 0.0)
             print(
-                f"    colour jitter, {name:12s} {jitter:6.2f} s = {jitter / read * 1e9:5.1f} ns per pixel read; "
-                f"{100 * jitter / (decode + jitter):5.1f}% of decode + jitter"
+                f"    colour jitter per tile, {name:12s} {jitter:6.2f} s = {jitter / read * 1e9:5.1f} ns per pixel "
+                f"read; {100 * jitter / (decode + jitter):5.1f}% of decode + jitter"
             )
+
+    def fill_and_read(jitter_at_fill: bool) -> None:
+        if jitter_at_fill:  # training's way: the cache jitters each band it fills, the view flips and turns
+            with augmented_crop(source, AUGMENT, device, "device") as view:
+                view.source.fill()
+                read_plans(view, tile)
+        else:
+            with CropCache.open(source, "device", device) as crop:
+                crop.fill()
+                read_plans(DeviceAugmentedView(crop, GEOMETRY_ONLY, device), tile)
+
+    without = best(lambda: fill_and_read(False), device, repeat)
+    at_fill = best(lambda: fill_and_read(True), device, repeat)
+    jitter = max(at_fill - without, 0.0)
+    print(
+        f"    colour jitter at fill (augmented_crop): {jitter:6.2f} s = {jitter / area * 1e9:5.1f} ns per crop pixel "
+        f"= {jitter / read * 1e9:5.1f} ns per pixel read; {100 * jitter / (decode + jitter):5.1f}% of decode + jitter "
+        f"(fill + reads: {without:.2f} s without jitter, {at_fill:.2f} s with)"
+    )
     slide.close()
 
 

@@ -32,6 +32,7 @@ from matplotlib.path import Path as MplPath
 
 from tests.data_fixtures import make_tiny_camelyon
 from tests.model_fixtures import CONFIG, MPP, cpu_options, save_tiny_checkpoint, tiny_model
+from torch_impl.pipeline import predict as predict_module
 from torch_impl.pipeline.cli import main as cli_main
 from torch_impl.pipeline.config import TrainConfig
 from torch_impl.pipeline.evaluate import evaluate_run
@@ -51,6 +52,7 @@ from torch_impl.pipeline.runtime import BadSlideError, atomic_write, autocast_dt
 from torch_impl.pipeline.train import TrainingError, validate
 from torch_impl.slides import discover
 from torch_impl.slides.augment import AugmentedView
+from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
 
@@ -232,6 +234,30 @@ def test_validate_is_the_plain_forward_pass(data_root, model):
     )
     assert got["val_auc"] == pytest.approx(want_auc, abs=1e-12)
     assert got["val_accuracy"] == pytest.approx(np.mean((np.array(probs) >= 0.5) == labels), abs=1e-12)
+
+
+def test_validate_reads_each_slide_through_the_configured_cache(data_root, model, monkeypatch):
+    """Validation opens every slide's crop with the training config's slide_cache (with a cache
+    each pixel is decoded once); the metrics are those of mode "none", bit for bit."""
+    records = _test_records(data_root)
+    opened, counters = [], []
+    open_cache = CropCache.open
+
+    def spy(source, mode="auto", *args, **kwargs):
+        counters.append(CountingSource(source))
+        opened.append(mode)
+        return open_cache(counters[-1], mode, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module.CropCache, "open", spy)
+    got = {}
+    for mode in ("none", "host"):
+        opened.clear()
+        counters.clear()
+        got[mode] = validate(model, records, TrainConfig(mpp=MPP, slide_cache=mode), torch.device("cpu"), None)
+        assert opened == [mode] * len(records)
+        if mode == "host":
+            assert all((c.counts == 1).all() for c in counters)
+    assert got["host"] == got["none"]
 
 
 def test_validate_skips_or_raises_on_a_bad_slide(data_root, model, tmp_path):

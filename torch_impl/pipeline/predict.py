@@ -47,10 +47,10 @@ name) are all used. It writes
 The commands' shared options are written once here, as dataclasses whose fields become the
 options (:mod:`torch_impl.pipeline.options`; a field's comment is its help):
 
-    ComputeOptions          --device                                  (every command that computes)
-    InferenceOptions        + --checkpoint --out --mpp --amp          (heatmap)
-    BatchInferenceOptions   + --skip-bad-slides                       (evaluate, predict)
-    PredictOptions          + SLIDE... --heatmaps --slide-cache       (predict)
+    ComputeOptions          --device                                         (every command that computes)
+    InferenceOptions        + --checkpoint --out --mpp --amp --slide-cache   (heatmap)
+    BatchInferenceOptions   + --skip-bad-slides                              (evaluate, predict)
+    PredictOptions          + SLIDE... --heatmaps                            (predict)
 """
 
 from __future__ import annotations
@@ -132,17 +132,23 @@ class ComputeOptions:
 @dataclass(frozen=True, kw_only=True)
 class InferenceOptions(ComputeOptions):
     """Running a trained checkpoint on slides (heatmap; evaluate and predict through
-    :class:`BatchInferenceOptions`). Raises ValueError for an mpp that is not > 0."""
+    :class:`BatchInferenceOptions`). Raises ValueError for an mpp that is not > 0 or an
+    unknown slide cache mode."""
 
     checkpoint: Path = option(metavar="FILE")  # training checkpoint (.pt), e.g. a run's best.pt
     out_dir: Path = option(flag="--out", metavar="DIR")  # output folder (created if needed)
     mpp: float | None = None  # working resolution in um/px; none = the checkpoint's (the one it was trained at)
     amp: str = option("auto", choices=AMP_CHOICES)  # bfloat16 autocast of the trunk ("auto": on CUDA only)
+    slide_cache: str = option(
+        "auto", choices=CACHE_MODES
+    )  # each crop decoded once, kept in: "device" memory, "host" memory, or "none" (tiles read from the file, host memory O(tile)); "auto": device if the crop fits half the free memory, else host, else none
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mpp is not None and not self.mpp > 0:  # also NaN
             raise ValueError(f"--mpp must be > 0 micrometres per pixel, got {self.mpp}")
+        if self.slide_cache not in CACHE_MODES:
+            raise ValueError(f"--slide-cache must be one of {', '.join(CACHE_MODES)}, got {self.slide_cache!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,9 +164,6 @@ class PredictOptions(BatchInferenceOptions):
 
     slides: list[Path] = option(positional=True, metavar="SLIDE")  # slide files, or folders of them
     heatmaps: bool = False  # also write each slide's <image>_heatmap.png, _attention.tif and _attention.geojson
-    slide_cache: str = option(
-        "auto", choices=CACHE_MODES
-    )  # each crop decoded once, kept in: "device" memory, "host" memory, or "none" (tiles read from the file, host memory O(tile)); "auto": device if the crop fits half the free memory, else host, else none
 
 
 @dataclass(frozen=True)

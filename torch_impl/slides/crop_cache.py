@@ -39,6 +39,16 @@ Tiers (``mode``):
 The choice and its reason are logged (DEBUG when the first tier asked for is used, INFO when
 ``auto`` falls back).
 
+Pixel transform. ``make_pixel_transform`` (optional) is called once, with the buffer's
+device, and returns a pointwise map of (3, h, w) uint8 pixels (each output pixel a function
+of the same input pixel alone, e.g. one slide's colour jitter,
+:class:`~torch_impl.slides.device_jitter.ColourJitter`); every band is mapped as it is filled,
+on the buffer's device, so each crop pixel is transformed once, however often the tiles over it
+are read, and reads answer the transformed crop. Being pointwise, the band-wise map equals the
+map of each tile, and commutes with flips and quarter turns. In mode ``"none"`` there is no
+buffer and nothing is mapped (``pixel_transform`` is None): reads return the source's pixels,
+and the caller applies the map per tile.
+
 Layout. The buffer is interleaved, (H, W, 3) in memory, as slide readers return their
 (3, h, w) pixels (:func:`~torch_impl.slides.tiff_reader.interleaved_chw`): a band is copied in
 whole pixel rows, and a tile is the (3, h, w) view ``buffer[y:y+h, x:x+w].permute(2, 0, 1)``;
@@ -61,16 +71,24 @@ import os
 import threading
 import time
 from bisect import bisect_right
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ..streaming.sources import host_tensor
+from ..streaming.sources import host_tensor, to_device
 from .slide import ImageSource, check_region, read_clipped
 
-__all__ = ["MODES", "CropCache", "available_host_memory", "choose_mode", "free_device_memory"]
+__all__ = [
+    "MODES",
+    "CropCache",
+    "PixelTransform",
+    "available_host_memory",
+    "choose_mode",
+    "free_device_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +102,9 @@ DEFAULT_FRACTION = 0.5
 DEFAULT_BAND_BYTES = 64 * 2**20
 
 _GIB = 2.0**30
+
+#: A pointwise map of (3, h, w) uint8 pixels to (3, h, w) uint8 pixels on the same device.
+PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def free_device_memory(device: torch.device | str) -> int:
@@ -166,9 +187,19 @@ class CropCache:
         mode: ``"device"``, ``"host"`` or ``"none"``, the tier chosen.
         reason: why, in words (also logged).
         nbytes: bytes of the buffer (0 in mode ``"none"``).
+        pixel_transform: the map applied to every band as it is filled (module docstring);
+            None without one, and always in mode ``"none"``.
     """
 
-    def __init__(self, source: ImageSource, mode: str, reason: str, device: torch.device, band_rows: int):
+    def __init__(
+        self,
+        source: ImageSource,
+        mode: str,
+        reason: str,
+        device: torch.device,
+        band_rows: int,
+        make_pixel_transform: Callable[[torch.device], PixelTransform] | None = None,
+    ):
         self.source, self.mode, self.reason = source, mode, reason
         C, H, W = (int(n) for n in source.shape)
         self._shape = (C, H, W)
@@ -184,8 +215,11 @@ class CropCache:
         self._closing = threading.Event()
         self._filler: threading.Thread | None = None
         self._stream: torch.cuda.Stream | None = None  # band copies to a GPU
+        self.pixel_transform: PixelTransform | None = None
         if mode != "none":
             self._buffer = torch.empty((H, W, C), dtype=torch.uint8, device=device if mode == "device" else "cpu")
+            if make_pixel_transform is not None:
+                self.pixel_transform = make_pixel_transform(self._buffer.device)
             if self._buffer.device.type == "cuda":
                 self._stream = torch.cuda.Stream(self._buffer.device)
                 self._stream.wait_stream(torch.cuda.current_stream(self._buffer.device))  # after the allocation
@@ -201,6 +235,7 @@ class CropCache:
         budget_bytes: int | None = None,
         host_budget_bytes: int | None = None,
         band_bytes: int = DEFAULT_BAND_BYTES,
+        make_pixel_transform: Callable[[torch.device], PixelTransform] | None = None,
     ) -> CropCache:
         """Choose the tier for ``source`` and start filling it (module docstring).
 
@@ -215,6 +250,9 @@ class CropCache:
                 :func:`available_host_memory`).
             band_bytes: host bytes per band read while filling (at least one row; rounded up
                 to whole tile rows of a source with ``tile_rows``).
+            make_pixel_transform: called with the buffer's device (not in mode ``"none"``);
+                returns the pointwise map applied to each band as it is filled (module
+                docstring), e.g. ``lambda device: ColourJitter(hsv_shift, device)``.
 
         Raises:
             ValueError: unknown mode, a non-uint8 source, or an explicit tier that does not fit.
@@ -229,7 +267,7 @@ class CropCache:
         if budget_bytes is None:
             budget_bytes = int(DEFAULT_FRACTION * free_device_memory(device)) if device.type == "cuda" else host
         chosen, reason = choose_mode(C * H * W, mode, device, budget_bytes, host)
-        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * W)))
+        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * W)), make_pixel_transform)
         fell_back = mode == "auto" and chosen != "device"
         (logger.info if fell_back else logger.debug)("slide cache %s for %s: %s", chosen, source, reason)
         return cache
@@ -301,6 +339,9 @@ class CropCache:
             try:
                 band = self._read_band(r0, r1)
                 with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                    if self.pixel_transform is not None:  # on the buffer's device, once per crop pixel
+                        with record_function("slides.augment"):
+                            band = self.pixel_transform(to_device(band, self._buffer.device))
                     self._buffer[r0:r1].copy_(band.permute(1, 2, 0))  # whole rows from an interleaved band
                     if self._stream is not None:
                         self._stream.synchronize()  # on the GPU before any reader slices it
