@@ -49,12 +49,14 @@ import inspect
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +143,8 @@ class StudyConfig:
     slide_size: int | None = None
     data_seed: int = 0
     device: str = "cpu"
-    threads: int = 1  # torch threads (one: the tensors are small; see pipeline/demo.py)
+    threads: int = 1  # torch threads per run (one: the tensors are small; see pipeline/demo.py)
+    jobs: int = 1  # runs at a time, each in its own process
     n_bootstrap: int = 2000
 
     def __post_init__(self) -> None:
@@ -168,6 +171,8 @@ class StudyConfig:
             problems.append(f"--data-counts takes four counts >= 0, got {list(self.data_counts)}")
         if self.threads < 1:
             problems.append(f"--threads must be >= 1, got {self.threads}")
+        if self.jobs < 1:
+            problems.append(f"--jobs must be >= 1, got {self.jobs}")
         if problems:
             raise ValueError("invalid study configuration:\n  " + "\n  ".join(problems))
 
@@ -419,6 +424,49 @@ def _epochs_done(train_dir: Path) -> int:
         return sum(1 for _ in csv.DictReader(f))
 
 
+def _run_in_worker(config: StudyConfig, data_dir: Path, method: str, mpp: float, seed: int) -> dict[str, Any]:
+    """run_one in a worker process of run_all (torch threads as configured there too)."""
+    torch.set_num_threads(config.threads)
+    return run_one(config, data_dir, method, mpp, seed)
+
+
+def run_all(config: StudyConfig, data_dir: Path) -> list[dict[str, Any]]:
+    """Every run (resolution, seed, method; coarsest first), ``config.jobs`` at a time; returns
+    their rows in that order. results.csv is rewritten after each run, so progress survives a stop.
+
+    With jobs > 1 each run is a spawned process (its own torch, ``config.threads`` threads):
+    independent processes use the cores without the OpenMP stalls of one multi-threaded run
+    on a busy machine. A failed run stops the study with its error (the others finish first).
+    """
+    plan = [(method, mpp, seed) for mpp in config.resolutions for seed in config.seeds for method in config.methods]
+    done: dict[int, dict[str, Any]] = {}
+
+    def record(i: int, row: dict[str, Any]) -> None:
+        done[i] = row
+        write_results_csv(config.out_dir / "results.csv", [done[j] for j in sorted(done)])
+
+    if config.jobs == 1:
+        for i, (method, mpp, seed) in enumerate(plan):
+            record(i, run_one(config, data_dir, method, mpp, seed))
+        return [done[i] for i in range(len(plan))]
+
+    # the workers import this file by its module name: put its folder on their sys.path
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(
+        max_workers=config.jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=setup_logging,
+        initargs=(-1 if level > logging.INFO else 0,),
+    ) as pool:
+        futures = {pool.submit(_run_in_worker, config, data_dir, *run): i for i, run in enumerate(plan)}
+        for future in as_completed(futures):
+            record(futures[future], future.result())
+    return [done[i] for i in range(len(plan))]
+
+
 # ----------------------------------------------------------------------------- summary
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
@@ -592,12 +640,7 @@ def run_study(quick: bool = False, **options: Any) -> list[dict[str, Any]]:
         config.out_dir.mkdir(parents=True, exist_ok=True)
         data_dir = ensure_data(config)
         data_seconds = time.perf_counter() - start
-        rows = []
-        for mpp in config.resolutions:
-            for seed in config.seeds:
-                for method in config.methods:
-                    rows.append(run_one(config, data_dir, method, mpp, seed))
-                    write_results_csv(config.out_dir / "results.csv", rows)  # progress survives a stop
+        rows = run_all(config, data_dir)
         summary = summarise(rows, config.out_dir, config.n_bootstrap)
     finally:
         torch.set_num_threads(threads)
@@ -647,7 +690,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-size", type=int, help="level-0 side of a new data set's slides, px (default: preset)")
     p.add_argument("--data-seed", type=int, help=f"seed of a new data set (default {d.data_seed})")
     p.add_argument("--device", help=f"cpu, cuda, cuda:N, auto (default {d.device})")
-    p.add_argument("--threads", type=int, help=f"torch threads (default {d.threads})")
+    p.add_argument("--threads", type=int, help=f"torch threads per run (default {d.threads})")
+    p.add_argument("--jobs", type=int, help=f"runs at a time, one process each (default {d.jobs})")
     p.add_argument("--bootstrap", dest="n_bootstrap", type=int, help=f"bootstrap resamples (default {d.n_bootstrap})")
     p.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {QUICK}")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")

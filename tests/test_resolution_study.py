@@ -193,6 +193,19 @@ def test_a_second_call_reuses_the_runs(study_run):
         }
 
 
+def test_parallel_runs_give_the_same_rows(study_run, tmp_path):
+    """--jobs 2: the runs in spawned processes give the rows of the serial study (training is
+    seeded and deterministic on the CPU), in the same order."""
+    out, data, rows = study_run
+    parallel = study.run_study(out_dir=tmp_path / "parallel", data_dir=data, jobs=2, **{**TINY, "resolutions": (2.0,)})
+    serial = [r for r in rows if r["mpp"] == 2.0]
+    times = ("train_seconds", "eval_seconds")
+    assert [{k: v for k, v in r.items() if k not in times} for r in parallel] == [
+        {k: v for k, v in r.items() if k not in times} for r in serial
+    ]
+    assert len(read_csv(tmp_path / "parallel" / "results.csv")) == len(serial)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -200,6 +213,7 @@ def test_a_second_call_reuses_the_runs(study_run):
         ({"resolutions": (0.0,)}, "--resolutions"),
         ({"methods": ("frozen",)}, "--methods"),
         ({"select": "best"}, "--select"),
+        ({"jobs": 0}, "--jobs"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, changes, message):
