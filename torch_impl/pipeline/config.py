@@ -31,12 +31,14 @@ from ..models.streaming_clam import ModelConfig
 from ..slides.camelyon import DEFAULT_EXCLUDE
 from ..slides.crop_cache import MODES as CACHE_MODES
 from .runtime import AMP_CHOICES, atomic_write
+from .selection import LEGACY_SELECT_BY, SELECT_RULES
 
 __all__ = [
     "CHOICES",
     "TrainConfig",
     "config_from_dict",
     "load_config",
+    "load_run_config",
     "save_config",
     "smallest_tile_size",
     "validate_config",
@@ -75,6 +77,10 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the global gradient norm to this value; None = no clipping
     phase2_tile_size: int | None = None  # phase 2: recompute + backward tile side; None = the model's
     calibrate_bn: bool = True  # random trunk (model.weights None): frozen batch-norm statistics from training crops
+
+    # --- model selection (best.pt; torch_impl.pipeline.selection) ---
+    select_by: str = "val_loss"  # best.pt is the epoch with: "val_loss" the lowest validation loss, "val_auc" the highest validation AUC (ties: lower loss), or "last" the last epoch; without validation slides, the last
+    select_after_epoch: int = 0  # epochs 1..N are never best.pt (N = head_only_epochs: a trained trunk); < epochs
 
     # --- augmentation (training slides only; lazy, see torch_impl.slides.augment) ---
     flip: bool = True  # random vertical and horizontal flips
@@ -149,15 +155,35 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConf
     return TrainConfig(model=ModelConfig(**model), **values)
 
 
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read a JSON configuration file (any subset of the fields); not validated yet."""
-    path = Path(path)
+def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"configuration file not found: {path}")
     try:
-        values = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a JSON configuration file (any subset of the fields); not validated yet."""
+    path = Path(path)
+    return config_from_dict(_read_json(path), where=str(path))
+
+
+#: Fields added after run folders were written, with the value that a run whose config.json
+#: lacks them had in effect (such a run resumes as it was trained; a new configuration file
+#: that omits them gets the dataclass default instead).
+LEGACY_DEFAULTS: dict[str, Any] = {"select_by": LEGACY_SELECT_BY, "select_after_epoch": 0}
+
+
+def load_run_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a run folder's ``config.json`` (written by :func:`save_config`) for ``--resume``:
+    like :func:`load_config`, but fields that an older version did not write take
+    :data:`LEGACY_DEFAULTS`, the values that version used."""
+    path = Path(path)
+    values = _read_json(path)
+    if isinstance(values, dict):
+        values = {**LEGACY_DEFAULTS, **values}
     return config_from_dict(values, where=str(path))
 
 
@@ -177,6 +203,7 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
     "lr_schedule": ("constant", "cosine"),
     "amp": AMP_CHOICES,
     "slide_cache": CACHE_MODES,
+    "select_by": SELECT_RULES,
     "model.head": ("sb", "mb"),
     "model.pool": ("max", "avg", None),
 }
@@ -243,6 +270,12 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     need(0.0 <= config.hue_shift <= 0.5, f"hue_shift must lie in [0, 0.5] turns, got {config.hue_shift}")
     need(0.0 <= config.saturation_scale < 1.0, f"saturation_scale must lie in [0, 1), got {config.saturation_scale}")
     need(0.0 <= config.value_scale < 1.0, f"value_scale must lie in [0, 1), got {config.value_scale}")
+    need(config.select_after_epoch >= 0, f"select_after_epoch must be >= 0 epochs, got {config.select_after_epoch}")
+    need(
+        config.select_after_epoch < max(config.epochs, 1),
+        f"select_after_epoch (--select-after-epoch) {config.select_after_epoch} must be < epochs ({config.epochs}): "
+        f"epochs 1..{config.select_after_epoch} are never selected, so no epoch could become best.pt",
+    )
     need(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0 slides, got {config.checkpoint_every}")
     need(
         config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),

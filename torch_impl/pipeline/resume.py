@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_FILE, TrainConfig, load_config
+from .config import CONFIG_FILE, LEGACY_DEFAULTS, TrainConfig, load_config
 from .runtime import PipelineError, atomic_write
+from .selection import effective_rule, select_epoch
 
-__all__ = ["ARCHITECTURE_FIELDS", "check_resume", "config_changes", "keep_previous_config"]
+__all__ = ["ARCHITECTURE_FIELDS", "check_resume", "check_selection", "config_changes", "keep_previous_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ _RESUMABLE_CHANGES = {
     "out_dir",
     "data_dir",
     "slide_cache",
+    "select_by",  # training goes on exactly; check_selection decides whether best.pt stays valid
+    "select_after_epoch",
 }
 
 #: ModelConfig fields that --resume refuses to change: they change the network's parameters
@@ -63,8 +66,9 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The settings that differ ("key: old -> new"), model settings as "model.NAME"."""
-    stored, current = _flatten(stored), _flatten(current)
+    """The settings that differ ("key: old -> new"), model settings as "model.NAME"; a field
+    that ``stored`` lacks (an older version's) counts with its :data:`LEGACY_DEFAULTS` value."""
+    stored, current = _flatten({**LEGACY_DEFAULTS, **stored}), _flatten(current)
     changes = []
     for key in sorted(set(stored) | set(current)):
         if key in _RESUMABLE_CHANGES or stored.get(key) == current.get(key):
@@ -124,3 +128,42 @@ def keep_previous_config(out: Path, config: TrainConfig) -> Path | None:
         f.write(data)
     logger.info("kept the previous settings of %s as %s", path, kept.name)
     return kept
+
+
+def check_selection(ckpt: dict[str, Any], config: TrainConfig, last_path: Path, has_validation: bool) -> None:
+    """Refuse a resume whose model-selection settings would not have chosen the run's best.pt.
+
+    ``select_by`` and ``select_after_epoch`` may change on ``--resume`` only when the new
+    rule, applied to the epochs finished so far (the checkpoint's ``history``, the rows of
+    metrics.csv), selects the epoch that best.pt holds: then best.pt stays the new rule's
+    pick (:mod:`~torch_impl.pipeline.selection`) and the run goes on under it. Otherwise the
+    weights the new rule asks for are gone, and the resume is refused, naming both epochs.
+    A checkpoint without these settings (an older version's) was selected by
+    :data:`~torch_impl.pipeline.config.LEGACY_DEFAULTS`.
+    """
+    stored = {**LEGACY_DEFAULTS, **ckpt.get("train_config", {})}
+    before = (stored["select_by"], stored["select_after_epoch"])
+    after = (config.select_by, config.select_after_epoch)
+    if before == after:
+        return
+    history = ckpt.get("history") or []
+    best_epoch = ckpt.get("best_epoch")
+    chosen = select_epoch(history, effective_rule(config.select_by, has_validation), config.select_after_epoch)
+    chosen_epoch = None if chosen is None else int(chosen["epoch"])
+    change = f"select_by {before[0]!r} -> {after[0]!r}, select_after_epoch {before[1]} -> {after[1]}"
+    if chosen_epoch != best_epoch:
+        picks = f"epoch {chosen_epoch}" if chosen_epoch is not None else "no epoch yet"
+        held = f"best.pt holds epoch {best_epoch}" if best_epoch is not None else "no best.pt was written yet"
+        raise PipelineError(
+            f"--resume cannot change model selection ({change}): over the {len(history)} epochs in {last_path} "
+            f"the new rule picks {picks}, but {held}, chosen by the old rule, and the "
+            f"weights of the other epochs are gone. Resume with --select-by {before[0]} --select-after-epoch "
+            f"{before[1]} (the run's own settings), or start a new run with another --out. Nothing was written"
+        )
+    logger.info(
+        "model selection changed on resume (%s): over the %d finished epochs it picks epoch %s, the one best.pt "
+        "holds; the new rule applies from here on",
+        change,
+        len(history),
+        best_epoch,
+    )

@@ -14,7 +14,8 @@ Per epoch (``TrainConfig`` in :mod:`torch_impl.pipeline.config`):
         grads += d loss / d params                                     (streamed backward)
         every `accumulate` slides: average over slides and processes, Adam step
     validation: every val slide whole (no crop, no augmentation): loss, AUC, accuracy
-    last.pt (every epoch, and every `checkpoint_every` slides), best.pt (best val AUC),
+    last.pt (every epoch, and every `checkpoint_every` slides), best.pt (the epoch that
+    `select_by` picks, epochs <= `select_after_epoch` excluded: pipeline/selection.py),
     metrics.csv, config.json
 
 Exact resume. Everything random is a pure function of (seed, epoch, position in the
@@ -61,7 +62,7 @@ from ..slides.device_view import DeviceAugmentedView
 from ..slides.inputs import SlideInput
 from .calibration import calibrate_batchnorm, calibration_batch
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
-from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, save_config, validate_config
+from .config import CHOICES, CONFIG_FILE, TrainConfig, load_config, load_run_config, save_config, validate_config
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -76,10 +77,11 @@ from .logs import QUIET, run_log, verbosity, verbosity_options
 from .metrics import accuracy, roc_auc
 from .options import OptionParser, add_dataclass_options, apply_options, field_paths, given_options
 from .predict import feature_mask, open_slide, predict_slides
-from .resume import check_resume, keep_previous_config
+from .resume import check_resume, check_selection, keep_previous_config
 from .run_lock import RunLock, RunLockedError
 from .runtime import BadSlideError, PipelineError, atomic_write, autocast_dtype, remove_stale_temp_files
 from .runtime import autocast as _autocast
+from .selection import effective_rule, rule_metric, select_epoch
 
 __all__ = [
     "TrainingError",
@@ -94,7 +96,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.csv"
-#: metrics.csv: one row per epoch; lr is the head's; seconds = training time (without validation).
+#: metrics.csv: one row per epoch; lr is the head's; seconds = training time (without validation);
+#: best_epoch = the epoch best.pt holds after this one, chosen by the rule select_by.
 METRIC_COLUMNS = (
     "epoch",
     "phase",
@@ -107,6 +110,8 @@ METRIC_COLUMNS = (
     "val_accuracy",
     "val_slides",
     "seconds",
+    "best_epoch",
+    "select_by",
 )
 
 # Streams of the per-run seed sequence: np.random.default_rng([seed, stream, ...]).
@@ -136,9 +141,11 @@ class RunState:
     slides: int = 0  # current epoch: slides trained on so far (all processes)
     skipped: int = 0  # current epoch: slides skipped so far (all processes)
     seconds: float = 0.0  # current epoch: wall time before the last checkpoint
-    best_val_auc: float | None = None  # best validation AUC so far (None: undefined so far)
-    best_val_loss: float | None = None  # its validation loss (tie-breaker)
-    best_epoch: int | None = None  # 1-based epoch of best.pt
+    best_val_auc: float | None = None  # validation AUC of best.pt's epoch (None: undefined)
+    best_val_loss: float | None = None  # validation loss of best.pt's epoch (None: undefined)
+    best_epoch: int | None = None  # 1-based epoch of best.pt (None: none eligible yet)
+    select_by: str | None = None  # the rule that chose best_epoch (selection.effective_rule; None: older run)
+    best_value: float | None = None  # best_epoch's value of the rule's metric (selection.rule_metric)
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
 
 
@@ -352,14 +359,24 @@ def validate(
     }
 
 
-def _is_better(auc: float, loss: float, state: RunState) -> bool:
-    """Higher validation AUC wins; an undefined AUC ranks lowest; equal AUCs: lower loss wins."""
-    key = (auc if math.isfinite(auc) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
-    if state.best_epoch is None:
-        return True
-    best_auc = state.best_val_auc if state.best_val_auc is not None else -math.inf
-    best_loss = state.best_val_loss if state.best_val_loss is not None else math.inf
-    return key > (best_auc, -best_loss)
+def _finite(value: float) -> float | None:
+    """``value`` as a float, None when NaN or infinite (the state's "undefined")."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _select(state: RunState, config: TrainConfig, has_validation: bool) -> bool:
+    """Apply the selection rule to the finished epochs (``state.history``); True when it picks
+    the newest epoch, which then goes to best.pt (:mod:`~torch_impl.pipeline.selection`)."""
+    rule = effective_rule(config.select_by, has_validation)
+    best = select_epoch(state.history, rule, config.select_after_epoch)
+    newest = state.history[-1]
+    improved = best is newest
+    if improved:
+        state.best_val_auc, state.best_val_loss = _finite(newest["val_auc"]), _finite(newest["val_loss"])
+        state.best_epoch, state.best_value = newest["epoch"], _finite(newest[rule_metric(rule)])
+        state.select_by = rule
+    newest["best_epoch"], newest["select_by"] = state.best_epoch, rule
+    return improved
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -460,7 +477,49 @@ def _load_records(config: TrainConfig, info: DistInfo) -> tuple[list[SlideRecord
     val_records = [r for r in records if r.split == "val"]
     if not train_records:
         raise TrainingError(f"{splits_csv} leaves no training slides (all {len(records)} are 'val')")
+    if info.is_main:
+        _check_validation_set(train_records, val_records, config, splits_csv)
     return train_records, val_records
+
+
+def _check_validation_set(
+    train_records: Sequence[SlideRecord], val_records: Sequence[SlideRecord], config: TrainConfig, splits_csv: Path
+) -> None:
+    """Warn when the validation set cannot rank epochs well: no validation slides (best.pt is
+    then the last epoch), or fewer than 2 of a class (the AUC is undefined, or takes so few
+    values that epochs tie)."""
+    if not val_records:
+        deliberate = config.val_fraction == 0 and not config.splits_csv
+        logger.log(
+            logging.INFO if deliberate else logging.WARNING,
+            "no validation slides in %s (val_fraction %g): best.pt is the last epoch, whatever select_by says",
+            splits_csv,
+            config.val_fraction,
+        )
+        return
+    labels = sorted({r.label for r in [*train_records, *val_records]})
+    counts = {label: sum(r.label == label for r in val_records) for label in labels}
+    if min(counts.values()) >= 2:
+        return
+    if min(counts.values()) == 0:
+        what = "undefined (NaN): a class has no validation slide"
+    else:  # the AUC counts the slide pairs of different classes ranked right (ties: half)
+        pairs = math.prod(counts.values())
+        what = f"coarse: at most {2 * pairs + 1} values from {pairs} slide pair(s), so epochs tie"
+    advice = (
+        "; select_by 'val_auc' then falls back on the validation loss among tied epochs (--select-by val_loss ranks by "
+        "it directly)"
+        if config.select_by == "val_auc"
+        else ""
+    )
+    logger.warning(
+        "validation slides per class %s in %s: the validation AUC is %s; a larger val_fraction or splits CSV gives "
+        "each class at least 2%s",
+        counts,
+        splits_csv,
+        what,
+        advice,
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -541,6 +600,7 @@ def _open_run(config: TrainConfig, resume: bool, info: DistInfo, device: torch.d
                 f"{last_path} does not fit the configured network ({e}); resume with the run's "
                 f"own settings (its config.json). Nothing was written"
             ) from e
+        check_selection(ckpt, config, last_path, bool(val_records))
         fields = {f.name for f in dataclasses.fields(RunState)}
         state = RunState(**{k: v for k, v in ckpt.items() if k in fields})
         if state.slide_index and ckpt.get("world_size", 1) != info.world_size:
@@ -659,14 +719,12 @@ def _train_epoch(run: _Run, epoch: int, phase: int, on_slide: Callable[[dict[str
 
 
 def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _TensorBoard) -> None:
-    """Validate, record the epoch's metrics, write last.pt, best.pt (if better) and metrics.csv."""
+    """Validate, record the epoch's metrics, write last.pt, best.pt (when the rule picks this epoch), metrics.csv."""
     config, state = run.config, run.state
     if run.val_records:
         val = validate(run.model, run.val_records, config, run.device, run.amp_dtype, run.info, run.progress)
-        improved = _is_better(val["val_auc"], val["val_loss"], state)
-    else:  # without validation slides best.pt follows the last epoch
+    else:  # without validation slides best.pt follows the last epoch (selection.effective_rule)
         val = {"val_loss": math.nan, "val_auc": math.nan, "val_accuracy": math.nan, "val_slides": 0, "val_skipped": 0}
-        improved = True
     row = {
         "epoch": epoch + 1,
         "phase": phase,
@@ -678,10 +736,7 @@ def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _Tens
         "seconds": round(state.seconds, 3),
     }
     state.history.append(row)
-    if improved:
-        state.best_val_auc = val["val_auc"] if math.isfinite(val["val_auc"]) else None
-        state.best_val_loss = val["val_loss"] if math.isfinite(val["val_loss"]) else None
-        state.best_epoch = epoch + 1
+    improved = _select(state, config, bool(run.val_records))
     state.epoch, state.slide_index, state.order = epoch + 1, 0, []
     state.loss_sum, state.slides, state.skipped, state.seconds = 0.0, 0, 0, 0.0
     if run.info.is_main:
@@ -704,7 +759,7 @@ def _finish_epoch(run: _Run, epoch: int, phase: int, factor: float, board: _Tens
         row["val_accuracy"],
         row["val_slides"],
         row["seconds"],
-        "; new best" if improved else "",
+        f"; best.pt by {state.select_by}" if improved else "",
     )
 
 
@@ -726,8 +781,11 @@ def train(
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this; rank 0 writes the files.
 
     Returns:
-        {"epochs", "train_loss", "val_loss", "val_auc", "val_accuracy", "best_val_auc",
-        "best_epoch", "last_checkpoint", "best_checkpoint", "metrics_csv"}.
+        {"epochs", "train_loss", "val_loss", "val_auc", "val_accuracy" (the last epoch's),
+        "best_epoch" (best.pt's; None when no epoch was eligible), "select_by" (the rule that
+        chose it: ``config.select_by``, or "last" without validation slides), "best_value"
+        (its metric at best_epoch: val_loss, val_auc, or the epoch for "last"),
+        "best_val_auc", "best_val_loss", "last_checkpoint", "best_checkpoint", "metrics_csv"}.
 
     Raises:
         BadSlideError: a slide is unusable and ``skip_bad_slides`` is off.
@@ -768,6 +826,8 @@ def train(
         if run.lock is not None:
             run.lock.release()
     barrier(run.info)
+    if run.info.is_main:
+        _log_selection(state, config)
     final = state.history[-1] if state.history else {}
     return {
         "epochs": state.epoch,
@@ -775,12 +835,36 @@ def train(
         "val_loss": final.get("val_loss"),
         "val_auc": final.get("val_auc"),
         "val_accuracy": final.get("val_accuracy"),
-        "best_val_auc": state.best_val_auc,
         "best_epoch": state.best_epoch,
+        "select_by": state.select_by,
+        "best_value": state.best_value,
+        "best_val_auc": state.best_val_auc,
+        "best_val_loss": state.best_val_loss,
         "last_checkpoint": str(run.out / LAST),
         "best_checkpoint": str(run.out / BEST),
         "metrics_csv": str(run.out / METRICS),
     }
+
+
+def _log_selection(state: RunState, config: TrainConfig) -> None:
+    """Say which epoch best.pt holds and why; warn when it is a head-only epoch of a run that
+    trained its trunk later (its trunk is the initial one)."""
+    if state.best_epoch is None:
+        return
+    if state.select_by is None:  # chosen before the rule was recorded
+        why = "selected by an older version (validation AUC, ties: loss)"
+    else:
+        value = "undefined" if state.best_value is None else f"{state.best_value:.6g}"
+        why = f"selected by {state.select_by} ({rule_metric(state.select_by)} {value})"
+    excluded = f", epochs 1-{config.select_after_epoch} excluded" if config.select_after_epoch else ""
+    logger.info("best.pt: epoch %d of %d, %s%s", state.best_epoch, state.epoch, why, excluded)
+    if state.best_epoch <= config.head_only_epochs < state.epoch:
+        logger.warning(
+            "best.pt is epoch %d, a head-only epoch: its trunk was never trained. --select-after-epoch %d "
+            "selects among the epochs that trained the trunk",
+            state.best_epoch,
+            config.head_only_epochs,
+        )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -828,7 +912,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config is not None:
         config = load_config(args.config)
     elif args.resume and out_dir and (Path(out_dir) / CONFIG_FILE).is_file():
-        config = load_config(Path(out_dir) / CONFIG_FILE)
+        config = load_run_config(Path(out_dir) / CONFIG_FILE)  # an older run's keeps its selection rule
     else:
         config = TrainConfig()
     config = apply_options(config, given_options(args, field_paths(TrainConfig)))

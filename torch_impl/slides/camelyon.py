@@ -296,7 +296,8 @@ def make_splits(
 
     First call (no `out_csv`): per label, the training slides are sorted by id, shuffled
     with `np.random.default_rng(seed)` and round(n * val_fraction) of them go to "val"
-    (a stratified fold); test slides stay "test". The CSV (slide,label,split) is written
+    (a stratified fold), at least one when val_fraction > 0 and the label has n >= 2
+    slides (so each class is validated); test slides stay "test". The CSV (slide,label,split) is written
     atomically. Later calls read it back, so every run and every process uses the same
     fold; they fail loudly if the CSV disagrees with `records` (delete it to redo).
 
@@ -329,7 +330,10 @@ def make_splits(
     for label in sorted({r.label for r in records if r.split != "test"}):
         ids = sorted(r.slide_id for r in records if r.split != "test" and r.label == label)
         order = rng.permutation(len(ids))
-        val_ids.update(ids[i] for i in order[: round(len(ids) * val_fraction)])
+        n_val = round(len(ids) * val_fraction)
+        if val_fraction > 0 and len(ids) >= 2:
+            n_val = max(n_val, 1)  # a class without validation slides leaves the validation AUC undefined
+        val_ids.update(ids[i] for i in order[:n_val])
     result = [
         dataclasses.replace(r, split="test" if r.split == "test" else ("val" if r.slide_id in val_ids else "train"))
         for r in records
