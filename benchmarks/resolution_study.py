@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import inspect
 import json
@@ -78,6 +77,7 @@ from torch_impl.pipeline.logs import run_log, setup_logging  # noqa: E402
 from torch_impl.pipeline.metrics import bootstrap_auc_ci, roc_auc  # noqa: E402
 from torch_impl.pipeline.predict import load_prediction  # noqa: E402
 from torch_impl.pipeline.runtime import atomic_write  # noqa: E402
+from torch_impl.pipeline.selection import SELECT_RULES  # noqa: E402
 from torch_impl.pipeline.train import train  # noqa: E402
 from torch_impl.slides import Slide, SlideRecord, discover, make_demo_data, read_lesions  # noqa: E402
 
@@ -86,10 +86,10 @@ logger = logging.getLogger("resolution_study")
 #: The two methods: end to end (trunk trained after the head-only epochs), and the baseline
 #: whose trunk stays frozen (random features, calibrated batch norms) for every epoch.
 METHODS = ("end_to_end", "head_only")
-#: Which checkpoint of a run is evaluated: the last epoch, or the best validation loss / AUC
-#: among the epochs after the head-only phase (needs TrainConfig.select_by; "last" works
-#: without it: last.pt is evaluated).
-SELECT_CHOICES = ("last", "val_loss", "val_auc")
+#: Which checkpoint of a run is evaluated: best.pt under TrainConfig.select_by, i.e. the lowest
+#: validation loss or the highest validation AUC among the epochs after the head-only phase
+#: (select_after_epoch = head_only_epochs, for both methods alike), or the last epoch.
+SELECT_CHOICES = SELECT_RULES
 #: Lesion categories of lesions.csv that get their own AUC (tumour slides of the category
 #: against all normal test slides).
 CATEGORIES = ("itc", "micro", "macro")
@@ -138,7 +138,7 @@ class StudyConfig:
     max_size: int = 4096  # largest training crop side, working pixels
     tile_size: int = 2048  # streaming tile side, working pixels
     val_fraction: float = 0.25
-    select: str = "last"  # SELECT_CHOICES
+    select: str = "val_loss"  # SELECT_CHOICES
     data_counts: tuple[int, int, int, int] | None = None
     slide_size: int | None = None
     data_seed: int = 0
@@ -162,11 +162,6 @@ class StudyConfig:
             )
         if self.select not in SELECT_CHOICES:
             problems.append(f"--select must be one of {list(SELECT_CHOICES)}, got {self.select!r}")
-        if self.select != "last" and "select_by" not in _train_fields():
-            problems.append(
-                f"--select {self.select} needs TrainConfig.select_by, which this version of the pipeline lacks; "
-                "use --select last"
-            )
         if self.data_counts is not None and (len(self.data_counts) != 4 or min(self.data_counts) < 0):
             problems.append(f"--data-counts takes four counts >= 0, got {list(self.data_counts)}")
         if self.threads < 1:
@@ -186,10 +181,6 @@ QUICK = dict(
     head_only_epochs=4,
     data_counts=(6, 6, 4, 4),
 )
-
-
-def _train_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -247,7 +238,7 @@ def run_name(method: str, mpp: float, seed: int) -> str:
 def train_config(config: StudyConfig, data_dir: Path, out_dir: Path, method: str, mpp: float, seed: int) -> TrainConfig:
     """The recipe of one run: the demo's (``pipeline.demo.demo_config``) at ``mpp`` with the
     study's width, epochs and sizes; ``head_only`` never trains the trunk."""
-    values: dict[str, Any] = dict(
+    return TrainConfig(
         data_dir=str(data_dir),
         out_dir=str(out_dir),
         model=ModelConfig(
@@ -268,20 +259,11 @@ def train_config(config: StudyConfig, data_dir: Path, out_dir: Path, method: str
         trunk_lr_factor=config.trunk_lr_factor,
         device=config.device,
         progress=False,
+        select_by=config.select,
+        # best.pt only from the epochs where end_to_end's trunk trains; the same for head_only
+        # keeps the two comparable
+        select_after_epoch=config.head_only_epochs,
     )
-    if "select_by" in _train_fields():
-        values["select_by"] = config.select
-        if "select_after_epoch" in _train_fields():
-            # best.pt only from the epochs where the trunk trains (end_to_end); for head_only
-            # the same epoch count keeps the two comparable
-            values["select_after_epoch"] = config.head_only_epochs
-    return TrainConfig(**values)
-
-
-def _checkpoint_to_evaluate(config: StudyConfig, train_dir: Path) -> Path:
-    if config.select == "last" and "select_by" not in _train_fields():
-        return train_dir / "last.pt"
-    return train_dir / "best.pt"
 
 
 def _selected_epoch(checkpoint: Path) -> int | None:
@@ -369,7 +351,7 @@ def run_one(config: StudyConfig, data_dir: Path, method: str, mpp: float, seed: 
     with run_log(train_dir / "train.log"):
         train(tc, resume=(train_dir / "last.pt").is_file())
     trained = time.perf_counter()
-    checkpoint = _checkpoint_to_evaluate(config, train_dir)
+    checkpoint = train_dir / "best.pt"
     metrics = evaluate_run(
         checkpoint, data_dir, eval_dir, mpp=mpp, device=config.device, n_bootstrap=config.n_bootstrap
     )
@@ -647,11 +629,10 @@ def run_study(quick: bool = False, **options: Any) -> list[dict[str, Any]]:
     records = discover(data_dir)
     counts = {split: sum(r.split == split for r in records) for split in ("train", "test")}
     tumour = {split: sum(r.split == split and r.label == 1 for r in records) for split in ("train", "test")}
-    kind = "harder synthetic set (difficulty camelyon)" if harder_data_available() else "demo synthetic set"
+    kind = "with lesions.csv (the harder set)" if read_lesion_table(data_dir) else "without lesions.csv (the demo set)"
     data_note = (
-        f"{kind}: {counts['train']} training slides ({tumour['train']} tumour), {counts['test']} test "
-        f"({tumour['test']} tumour); lesions.csv {'present' if read_lesion_table(data_dir) else 'absent'}; "
-        f"made or found in {data_seconds:.0f} s"
+        f"{counts['train']} training slides ({tumour['train']} tumour), {counts['test']} test ({tumour['test']} "
+        f"tumour), {kind}; made or found in {data_seconds:.0f} s"
     )
     wall = time.perf_counter() - start
     with atomic_write(config.out_dir / "summary.md") as f:

@@ -40,7 +40,7 @@ TINY = dict(
     resolutions=(2.0, 1.0),
     seeds=(0,),
     width=4,
-    epochs=2,
+    epochs=3,
     head_only_epochs=1,
     max_size=512,
     tile_size=1024,
@@ -129,7 +129,10 @@ def test_trunk_frozen_only_in_the_baseline(study_run):
             run = next(r for r in rows if r["method"] == method and r["mpp"] == mpp)
             state = load_checkpoint(out / run["run_dir"] / "train" / run["checkpoint"])["model"]
             trunks[method] = {k: v for k, v in state.items() if k.startswith("trunk.") and v.is_floating_point()}
-            assert run["selected_epoch"] == TINY["epochs"]  # --select last
+            history = read_csv(out / run["run_dir"] / "train" / "metrics.csv")
+            eligible = [h for h in history if int(h["epoch"]) > TINY["head_only_epochs"]]
+            best = min(eligible, key=lambda h: float(h["val_loss"]))  # --select val_loss (default)
+            assert run["checkpoint"] == "best.pt" and run["selected_epoch"] == int(best["epoch"])
         changed = [
             k for k in trunks["head_only"] if not np.array_equal(trunks["head_only"][k], trunks["end_to_end"][k])
         ]
@@ -209,7 +212,7 @@ def test_parallel_runs_give_the_same_rows(study_run, tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"head_only_epochs": 2, "epochs": 2}, "head-only epochs < epochs"),
+        ({"head_only_epochs": 3, "epochs": 3}, "head-only epochs < epochs"),
         ({"resolutions": (0.0,)}, "--resolutions"),
         ({"methods": ("frozen",)}, "--methods"),
         ({"select": "best"}, "--select"),
