@@ -120,9 +120,9 @@ RESULT_COLUMNS = (
 class StudyConfig:
     """What the study trains and evaluates (:func:`run_study`'s arguments; see the CLI's help).
 
-    ``data_counts`` = (training normal, training tumour, test normal, test tumour) slides
-    and ``slide_size`` (level-0 pixels, one side) are passed to ``make_demo_data``; None
-    takes the generator's preset (the harder set's, or the demo set's defaults).
+    ``data_counts`` = (training normal, training tumour, test normal, test tumour) slides,
+    ``slide_size`` (level-0 pixels, one side) and ``slide_mpp`` (level-0 um/px) are passed to
+    ``make_demo_data``; None takes the generator's preset.
     """
 
     out_dir: Path = Path("resolution_study")
@@ -135,12 +135,15 @@ class StudyConfig:
     head_only_epochs: int = 10  # end_to_end: head only for these epochs, then the whole network
     lr: float = 1e-3
     trunk_lr_factor: float = 0.1
+    pool: str | None = None  # the head's pooling of the feature map: None (the demo's), "max", "avg"
+    instance_loss: bool = False  # CLAM's instance-level clustering loss (off in StreamingCLAM)
     max_size: int = 4096  # largest training crop side, working pixels
     tile_size: int = 2048  # streaming tile side, working pixels
     val_fraction: float = 0.25
     select: str = "val_loss"  # SELECT_CHOICES
     data_counts: tuple[int, int, int, int] | None = None
     slide_size: int | None = None
+    slide_mpp: float | None = None
     data_seed: int = 0
     device: str = "cpu"
     threads: int = 1  # torch threads per run (one: the tensors are small; see pipeline/demo.py)
@@ -164,6 +167,8 @@ class StudyConfig:
             problems.append(f"--select must be one of {list(SELECT_CHOICES)}, got {self.select!r}")
         if self.data_counts is not None and (len(self.data_counts) != 4 or min(self.data_counts) < 0):
             problems.append(f"--data-counts takes four counts >= 0, got {list(self.data_counts)}")
+        if self.pool not in (None, "max", "avg"):
+            problems.append(f"--pool must be none, max or avg, got {self.pool!r}")
         if self.threads < 1:
             problems.append(f"--threads must be >= 1, got {self.threads}")
         if self.jobs < 1:
@@ -212,6 +217,8 @@ def ensure_data(config: StudyConfig) -> Path:
         kwargs.update(zip(("n_normal", "n_tumor", "n_test_normal", "n_test_tumor"), config.data_counts))
     if config.slide_size is not None:
         kwargs["size"] = (config.slide_size, config.slide_size)
+    if config.slide_mpp is not None:
+        kwargs["mpp"] = config.slide_mpp
     if harder_data_available():
         kwargs["difficulty"] = "camelyon"
     else:
@@ -245,7 +252,8 @@ def train_config(config: StudyConfig, data_dir: Path, out_dir: Path, method: str
             width=config.width,
             hidden_dim=64,
             attention_dim=32,
-            pool=None,
+            pool=config.pool,
+            instance_loss=config.instance_loss,
             tile_size=config.tile_size,
             freeze_bn_affine=False,
         ),
@@ -526,6 +534,7 @@ def format_summary(config: StudyConfig, summary: Sequence[dict[str, Any]], wall_
         f"- data: {data_note}",
         f"- recipe: ResNet-34 width {config.width} (random init, calibrated batch norms), CLAM head; {config.epochs} "
         f"epochs, end_to_end head only for the first {config.head_only_epochs}; head_only: trunk frozen throughout; "
+        f"head pool {config.pool or 'none'}, instance loss {'on' if config.instance_loss else 'off'}; "
         f"lr {config.lr:g}, trunk x{config.trunk_lr_factor:g}; crops <= {config.max_size} px; val fraction "
         f"{config.val_fraction:g}; evaluated checkpoint: {config.select}",
         "- AUC per seed and their mean; 95% CI: stratified bootstrap (bootstrap_auc_ci, "
@@ -657,6 +666,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     p.add_argument("--head-only-epochs", type=int, help=f"end_to_end's head-only epochs (default {d.head_only_epochs})")
     p.add_argument("--lr", type=float, help=f"head learning rate (default {d.lr:g})")
+    p.add_argument("--trunk-lr-factor", type=float, help=f"trunk lr = lr x this (default {d.trunk_lr_factor:g})")
+    p.add_argument("--pool", choices=("none", "max", "avg"), help="head's pooling of the feature map (default none)")
+    p.add_argument("--instance-loss", action="store_true", default=None, help="CLAM's instance loss (default off)")
     p.add_argument("--max-size", type=int, help=f"largest training crop side, working px (default {d.max_size})")
     p.add_argument("--tile-size", type=int, help=f"streaming tile side, px (default {d.tile_size})")
     p.add_argument("--val-fraction", type=float, help=f"default {d.val_fraction:g}")
@@ -669,6 +681,7 @@ def _parser() -> argparse.ArgumentParser:
         help="slides of a new data set (default: the generator's preset)",
     )
     p.add_argument("--slide-size", type=int, help="level-0 side of a new data set's slides, px (default: preset)")
+    p.add_argument("--slide-mpp", type=float, help="level-0 um/px of a new data set's slides (default: preset)")
     p.add_argument("--data-seed", type=int, help=f"seed of a new data set (default {d.data_seed})")
     p.add_argument("--device", help=f"cpu, cuda, cuda:N, auto (default {d.device})")
     p.add_argument("--threads", type=int, help=f"torch threads per run (default {d.threads})")
@@ -684,6 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet, quick = args.pop("quiet"), args.pop("quick")
     setup_logging(-1 if quiet else 0)
     options = {k: v for k, v in args.items() if v is not None}
+    if options.get("pool") == "none":
+        options["pool"] = None
     try:
         run_study(quick=quick, **options)
     except ValueError as e:
