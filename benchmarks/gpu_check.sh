@@ -3,13 +3,13 @@
 # the H100 anchors in benchmarks/RESULTS.md, in bf16 and fp32, then the slide data path and
 # one real training step on a slide file, with a short table last.
 #
-# Needs a python3 with torch (and numpy) that sees a CUDA device; steps 6-8 also need the
+# Needs a python3 with torch (and numpy) that sees a CUDA device; steps 6-7 also need the
 # project's slide dependencies (tifffile, imagecodecs; openslide-python for step 6) and are
 # skipped with a message without them. No network, nothing installed from this repository.
 # Run from the repository root:
 #
-#     PYTHONPATH=. bash benchmarks/gpu_check.sh                # ~5-8 minutes on an H100, then 6-8 if time is left
-#     PYTHONPATH=. bash benchmarks/gpu_check.sh --data-only    # steps 6-8 alone, ~4-6 minutes
+#     PYTHONPATH=. bash benchmarks/gpu_check.sh                # ~5-8 minutes on an H100, then 6-7 if time is left
+#     PYTHONPATH=. bash benchmarks/gpu_check.sh --data-only    # steps 6-7 alone, ~3-5 minutes
 #     PYTHONPATH=. bash benchmarks/gpu_check.sh --with-65536   # adds 65536^2 streamed (bf16), ~3 more
 #
 # Steps (each under `timeout`, so that steps 1-4 stay within ~8 minutes; a step that times
@@ -19,13 +19,13 @@
 #   3. fp32: the same
 #   4. fp32: tile 2880 at 8192^2 and 16384^2 (the anchors' second lightstream column), if time allows
 #   5. with --with-65536: bf16, 65536^2 streamed, tile 5760
-#   6. bench_data.py: writes the synthetic 32768^2 JPEG TIFF once (~15 s, one core) to the
-#      system's temporary folder, then the reader rates with 1 and all cores
-#   7. bench_data_path.py --device cuda --size 8192 --tile 5760 --repeat 1 (8192, not 16384:
-#      its NumPy reference path jitters colours at ~4 Mpx/s on one core, minutes at 16384)
-#   8. bench_train_step.py --device cuda: one bf16 training step, width 64, tiles 5760 / 2880,
+#   6. bench_data.py --device cuda: writes the synthetic 32768^2 JPEG TIFF once (~15 s, one
+#      core) to the system's temporary folder, then the reader rates with 1 and all cores, the
+#      augmentation alone, one step's data work (8192^2 crop, tiles 5760 / 2880) with the
+#      augmentation and normalisation on the GPU, and the extrapolated 65536^2 host share
+#   7. bench_train_step.py --device cuda: one bf16 training step, width 64, tiles 5760 / 2880,
 #      on the 16384^2 crop (0.5 um/px) of the 32768^2 slide file of step 6, split into its parts
-# Steps 6-8 run only while they fit in TOTAL_S seconds from the start (default 570, so that a
+# Steps 6-7 run only while they fit in TOTAL_S seconds from the start (default 570, so that a
 # 10-minute slot holds the whole run); --data-only skips steps 1-5.
 # Logs go to $LOG_DIR (default /tmp/gpu_check.<date>); PYTHON overrides python3.
 
@@ -34,7 +34,7 @@ set -u
 PY=${PYTHON:-python3}
 LOG_DIR=${LOG_DIR:-/tmp/gpu_check.$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-480}  # step 4 runs only if it fits in this many seconds from the start
-TOTAL_S=${TOTAL_S:-570}    # steps 6-8 run only if they fit in this many seconds from the start
+TOTAL_S=${TOTAL_S:-570}    # steps 6-7 run only if they fit in this many seconds from the start
 WITH_65536=0
 DATA_ONLY=0
 for arg in "$@"; do
@@ -125,19 +125,18 @@ if [ "$DATA_ONLY" = 0 ]; then
     fi
 fi
 
-# --------------------------------------------------------------------------- 6-8. data path, training step
+# --------------------------------------------------------------------------- 6-7. data path, training step
 if "$PY" -c 'import tifffile, imagecodecs, torch_impl.pipeline.train' 2>/dev/null; then
     if "$PY" -c 'import openslide' 2>/dev/null; then
-        run_if_time bench_data 150 "$PY" benchmarks/bench_data.py --size 32768
+        run_if_time bench_data 180 "$PY" benchmarks/bench_data.py --size 32768 --device cuda
     else
         SUMMARY+=("bench_data: SKIPPED (openslide not importable); bench_train_step writes the slide itself")
     fi
-    run_if_time bench_data_path_cuda 150 "$PY" benchmarks/bench_data_path.py --device cuda --size 8192 --tile 5760 --repeat 1
     run_if_time bench_train_step_cuda 150 "$PY" benchmarks/bench_train_step.py --device cuda --width 64 --dtype bf16 \
         --tile 5760 --backward-tile 2880 --size 32768 --crop 16384 --repeat 1
 else
-    stamp "tifffile, imagecodecs or torch_impl's dependencies missing (PYTHONPATH=. ?): steps 6-8 skipped"
-    SUMMARY+=("bench_data, bench_data_path_cuda, bench_train_step_cuda: SKIPPED (tifffile/imagecodecs/torch_impl not importable)")
+    stamp "tifffile, imagecodecs or torch_impl's dependencies missing (PYTHONPATH=. ?): steps 6-7 skipped"
+    SUMMARY+=("bench_data, bench_train_step_cuda: SKIPPED (tifffile/imagecodecs/torch_impl not importable)")
 fi
 
 # --------------------------------------------------------------------------- summary
@@ -153,8 +152,6 @@ for log in "$LOG_DIR"/bench_*.log; do
         sed -n '/^## /,$p' "$log"  # the benchmark's final table and its tile shapes
     elif grep -q '^slide .*um/px' "$log"; then
         sed -n '/^slide .*um\/px/,$p' "$log"  # bench_data.py's table
-    elif grep -q '^(1) ' "$log"; then
-        sed -n '/^(1) /,$p' "$log"  # bench_data_path.py's two parts
     else
         grep -E ' step | OOM| skipped' "$log" || echo "(no result lines; see $log)"  # progress lines
     fi

@@ -619,7 +619,8 @@ PosixPathType = type(Path("."))
 OLD_COMMANDS = [
     (
         "evaluate",
-        "--data --checkpoint --out --mpp --device --split --splits --skip-bad-slides --amp --bootstrap --seed -q -v",
+        "--data --checkpoint --out --mpp --device --split --splits --skip-bad-slides --amp --bootstrap --seed -q -v"
+        " --slide-cache",
         ["--data", "D", "--checkpoint", "C.pt", "--out", "O"],
         dict(
             data_dir=Path("D"),
@@ -633,11 +634,12 @@ OLD_COMMANDS = [
             amp="auto",
             n_bootstrap=2000,
             seed=0,
+            slide_cache="auto",
         ),
     ),
     (
         "predict",
-        "--checkpoint --out --mpp --device --amp --heatmaps --skip-bad-slides",
+        "--checkpoint --out --mpp --device --amp --heatmaps --skip-bad-slides --slide-cache",
         ["s1.tif", "folder", "--checkpoint", "C.pt", "--out", "O"],
         dict(
             slides=[Path("s1.tif"), Path("folder")],
@@ -648,11 +650,13 @@ OLD_COMMANDS = [
             amp="auto",
             heatmaps=False,
             skip_bad_slides=False,
+            slide_cache="auto",
         ),
     ),
     (
         "heatmap",
-        "--slide --checkpoint --out --annotation --mpp --device --attention --thumbnail-size --tiff-downsample --amp",
+        "--slide --checkpoint --out --annotation --mpp --device --attention --thumbnail-size --tiff-downsample --amp"
+        " --slide-cache",
         ["--slide", "S.tif", "--out", "O", "--attention", "A.npy"],
         dict(
             slide=Path("S.tif"),
@@ -665,6 +669,7 @@ OLD_COMMANDS = [
             thumbnail_size=1024,
             tiff_downsample=None,
             amp="auto",
+            slide_cache="auto",
         ),
     ),
     ("demo", "--out --data --device -q -v", [], dict(out_dir=Path("demo_run"), data_dir=None, device="auto")),
@@ -673,7 +678,15 @@ OLD_COMMANDS = [
         "--n-normal --n-tumor --n-test-normal --n-test-tumor --size --mpp --seed -q -v",
         ["R"],
         dict(
-            root=Path("R"), n_normal=6, n_tumor=6, n_test_normal=4, n_test_tumor=4, size=(2048, 2048), mpp=0.25, seed=0
+            root=Path("R"),
+            n_normal=6,
+            n_tumor=6,
+            n_test_normal=4,
+            n_test_tumor=4,
+            size=(2048, 2048),
+            mpp=0.25,
+            seed=0,
+            difficulty="demo",  # added with the camelyon difficulty; the demo's values are filled in as before
         ),
     ),
 ]

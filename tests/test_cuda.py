@@ -1,10 +1,13 @@
-"""CUDA: the streamed ResNet-34 trunk on the GPU against the plain model (skipped without a GPU).
+"""CUDA: the streamed ResNet-34 trunk on the GPU against the plain model, and the slide data path
+on the GPU against the CPU (skipped without a GPU).
 
 Tolerances (relative to the largest entry of each tensor):
 * fp32 with TF32 off: streamed vs plain <= 1e-5 (cuDNN picks different algorithms per tile
   shape, so the sums run in another order).
 * bf16 autocast: streamed vs plain bf16 <= 2e-2; both vs the fp32 plain result <= 1e-1 on
   outputs (bf16 keeps 8 mantissa bits, and 36 layers compound the rounding).
+* the data path (colour table, device augmentation, crop cache): equal bytes; uint8 -> model
+  input: <= 1e-6 (CUDA scales by the reciprocal of 255 where the CPU divides).
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import torch
 
 from tests import helpers
 from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
+from torch_impl.slides.augment import AugmentParams
+from torch_impl.slides.crop_cache import CropCache
+from torch_impl.slides.device_jitter import jitter_table
+from torch_impl.slides.device_view import DeviceAugmentedView, augmented_crop
+from torch_impl.slides.slide import ArrayImage
+from torch_impl.slides.tiff_reader import interleaved_chw
 from torch_impl.streaming import StreamingTrunk, to_model_input
+from torch_impl.streaming.sources import host_tensor, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -81,3 +91,65 @@ def test_cuda_lazy_host_source_matches_device_tensor(no_tf32):
     x = to_model_input(torch.from_numpy(pixels).cuda())[None]
     with torch.no_grad():
         assert relative_error(streamed(pixels), net(x)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the data path on the GPU
+SHIFT = (0.03, -0.2, 0.1)
+AUGMENT = AugmentParams(flip_v=True, flip_h=False, rot90_k=1, hsv_shift=SHIFT)
+
+
+def interleaved_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(3, H, W) uint8 view of interleaved (H, W, 3) memory, as slide readers return."""
+    image = interleaved_chw(height, width)
+    image[...] = np.random.default_rng(seed).integers(0, 256, (3, height, width), dtype=np.uint8)
+    return image
+
+
+def test_cuda_jitter_table_equals_the_cpu_table():
+    assert torch.equal(jitter_table(SHIFT, "cuda").cpu(), jitter_table(SHIFT, "cpu"))
+
+
+@pytest.mark.parametrize("colour_table", [True, False])
+def test_cuda_device_view_reads_equal_the_cpu_reads(colour_table):
+    """DeviceAugmentedView over an interleaved source: the same bytes on the GPU as on the CPU
+    (whose equality to the NumPy AugmentedView tests/test_device_view.py checks)."""
+    source = ArrayImage(interleaved_image(300, 260))
+    cpu = DeviceAugmentedView(source, AUGMENT, "cpu", colour_table=colour_table)
+    gpu = DeviceAugmentedView(source, AUGMENT, "cuda", colour_table=colour_table)
+    for region in [(0, 0, *cpu.shape[1:]), (-20, 30, 150, 400), (100, 7, 33, 45)]:
+        tile = gpu.read(*region)
+        assert tile.device.type == "cuda"
+        assert torch.equal(tile.cpu(), cpu.read(*region)), region
+
+
+def test_cuda_crop_cache_on_the_device_equals_host_memory():
+    """A CropCache on the GPU == one in host memory, plain and with the colour jitter applied at
+    fill (augmented_crop: on the GPU through the whole colour table, on the host filled on demand)."""
+    image = interleaved_image(257, 190, seed=1)
+    regions = [(0, 0, 257, 190), (-5, 20, 100, 300), (200, 3, 57, 60)]
+    with (
+        CropCache.open(ArrayImage(image), "device", "cuda", band_bytes=40 * 3 * 190) as device,
+        CropCache.open(ArrayImage(image), "host", "cuda", band_bytes=40 * 3 * 190) as host,
+    ):
+        assert device.device.type == "cuda" and host.device.type == "cpu"
+        for region in regions:
+            assert torch.equal(device.read(*region).cpu(), host.read(*region)), region
+    for table in (True, False):
+        with (
+            augmented_crop(ArrayImage(image), AUGMENT, "cuda", "device", table, band_bytes=40 * 3 * 190) as gpu,
+            augmented_crop(ArrayImage(image), AUGMENT, "cpu", "host", table, band_bytes=40 * 3 * 190) as cpu,
+        ):
+            assert gpu.source.pixel_transform is not None and gpu.jitter is None
+            for region in regions:
+                assert torch.equal(gpu.read(*region).cpu(), cpu.read(*region)), (table, region)
+
+
+def test_cuda_interleaved_tiles_become_the_cpu_model_input():
+    """to_model_input of an interleaved (3, h, w) tile moved to the GPU (pinned, non-blocking):
+    the CPU's values to float32 rounding, and C-contiguous there too."""
+    tile = host_tensor(interleaved_image(123, 97, seed=2))
+    assert not tile.is_contiguous()
+    gpu = to_model_input(to_device(tile, "cuda"))
+    assert gpu.is_contiguous()
+    # not bit for bit: CUDA divides by a scalar (the 1/255) as a multiplication by its reciprocal
+    torch.testing.assert_close(gpu.cpu(), to_model_input(tile), rtol=1e-6, atol=1e-6)

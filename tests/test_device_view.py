@@ -21,10 +21,12 @@ from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, build_model
 from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache, choose_mode
-from torch_impl.slides.device_view import DeviceAugmentedView
+from torch_impl.slides.device_jitter import ColourJitter
+from torch_impl.slides.device_view import TABLE_MIN_PIXELS, DeviceAugmentedView, augmented_crop
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.slide import ArrayImage
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
+from torch_impl.slides.tiff_reader import interleaved_chw
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -95,6 +97,89 @@ def test_device_augmentation_equals_numpy_augmentation(data, p, cache, band_rows
         assert view.shape == AugmentedView(source, p).shape
         np.testing.assert_array_equal(got.numpy(), AugmentedView(source, p).read(y, x, h, w))
         np.testing.assert_array_equal(got.numpy(), white_padded(whole_image_augmented(image, p), y, x, h, w))
+
+
+class InterleavedImage(ArrayImage):
+    """Reads like a slide reader: (3, h, w) views of new interleaved (h, w, 3) memory
+    (``interleaved_chw``); keeps the last block it returned."""
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        block = interleaved_chw(h, w)
+        block[...] = super().read(y, x, h, w)
+        self.last = block
+        return block
+
+
+def test_reads_of_interleaved_blocks_are_not_copied_before_the_transform():
+    """The block a slide reader returns reaches the device view's transform as it is: the
+    identity view returns it (same memory), and the colour jitter reads it (same memory), with
+    the bytes of AugmentedView either way."""
+    image = np.random.default_rng(5).integers(0, 256, (3, 40, 30), dtype=np.uint8)
+    source = InterleavedImage(image)
+    identity = DeviceAugmentedView(source, AugmentParams(), CPU)
+    tile = identity.read(3, 4, 20, 25)
+    assert tile.data_ptr() == source.last.ctypes.data and tile.stride() == source.last.strides
+    np.testing.assert_array_equal(tile.numpy(), AugmentedView(ArrayImage(image), AugmentParams()).read(3, 4, 20, 25))
+
+    p = AugmentParams(True, False, 1, (0.05, 0.2, -0.1))
+    for colour_table in (True, False):
+        view = DeviceAugmentedView(source, p, CPU, colour_table=colour_table)
+        jitter, seen = view.jitter, []
+        view.jitter = lambda block, jitter=jitter, seen=seen: seen.append(block.data_ptr()) or jitter(block)
+        got = view.read(-2, 5, 20, 30)
+        assert seen == [source.last.ctypes.data]
+        np.testing.assert_array_equal(got.numpy(), AugmentedView(ArrayImage(image), p).read(-2, 5, 20, 30))
+
+
+class CoordinateImage:
+    """A lazy (3, H, W) uint8 image too large to hold in a test: the pixel at (y, x) has colour
+    (y mod 256, x mod 256, (7 y + 3 x) mod 256)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, height: int, width: int):
+        self.shape = (3, height, width)
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        rows, cols = np.arange(y, y + h)[:, None], np.arange(x, x + w)[None, :]
+        planes = [rows + 0 * cols, cols + 0 * rows, 7 * rows + 3 * cols]
+        return (np.stack(planes) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        AugmentParams(True, False, 1, (0.03, -0.1, 0.08)),
+        AugmentParams(False, True, 2, (-0.41, 0.5, -0.5)),
+        AugmentParams(True, True, 3, (0.5, -0.5, 0.5)),
+    ],
+)
+def test_the_colour_table_gives_the_numpy_augmentation(p):
+    """colour_table=True (through the slide's colour table), False (the arithmetic) and the
+    default: the same bytes as AugmentedView, inside, across and outside the border."""
+    image = np.random.default_rng(11).integers(0, 256, (3, 37, 29), dtype=np.uint8)
+    views = {table: DeviceAugmentedView(ArrayImage(image), p, CPU, colour_table=table) for table in (True, False, None)}
+    regions = [(0, 0, *views[True].shape[1:]), (-5, 3, 20, 40), (10, -7, 9, 9), (30, 20, 15, 15), (-50, -50, 4, 4)]
+    for y, x, h, w in regions:
+        want = AugmentedView(ArrayImage(image), p).read(y, x, h, w)
+        for table, view in views.items():
+            np.testing.assert_array_equal(view.read(y, x, h, w).numpy(), want, err_msg=f"colour_table={table}")
+    assert views[True].jitter.table is not None
+    assert views[False].jitter.table is None and views[None].jitter.table is None  # small: arithmetic
+
+
+def test_views_of_at_least_table_min_pixels_jitter_through_the_table():
+    """Default colour_table: the table for a view of >= TABLE_MIN_PIXELS pixels (filled with the
+    colours read), the arithmetic below; the same bytes as AugmentedView either way."""
+    p = AugmentParams(False, True, 1, (0.1, -0.2, 0.2))
+    for (height, width), table in (((1024, 1024), True), ((1024, 1023), False)):
+        assert (height * width >= TABLE_MIN_PIXELS) == table
+        view = DeviceAugmentedView(CoordinateImage(height, width), p, CPU)
+        tile = view.read(100, 300, 500, 600)
+        assert (view.jitter.table is not None) == table
+        want = AugmentedView(CoordinateImage(height, width), p).read(100, 300, 500, 600)
+        np.testing.assert_array_equal(tile.numpy(), want)
+    assert DeviceAugmentedView(CoordinateImage(1024, 1024), AugmentParams(True)).jitter is None  # no colour jitter
 
 
 def test_every_orientation_of_a_labelled_image():
@@ -289,6 +374,60 @@ def test_a_bad_band_is_named():
         crop.read(0, 0, 1, 1)
 
 
+def test_a_pixel_transform_maps_each_band_once_on_the_buffers_device():
+    """make_pixel_transform: made once with the buffer's device; every band mapped once as it is
+    filled (each pixel once, however often it is read); reads answer the mapped crop. In mode
+    none nothing is made or mapped."""
+    image = np.random.default_rng(2).integers(0, 256, (3, 23, 17), dtype=np.uint8)
+    image[0] = np.arange(23)[:, None]  # red = the row: a band says which rows it holds
+    for mode in ("device", "host", "none"):
+        devices, mapped = [], np.zeros(image.shape[1:], np.int64)
+
+        def make(device, devices=devices, mapped=mapped):
+            devices.append(device)
+
+            def invert(band):  # pointwise; counts the rows it maps (bands are whole rows)
+                assert band.device == device and band.shape[0] == 3 and band.shape[2] == image.shape[2]
+                mapped[band[0, :, 0].numpy()] += 1
+                return 255 - band
+
+            return invert
+
+        with CropCache.open(ArrayImage(image), mode, CPU, band_bytes=5 * 3 * 17, make_pixel_transform=make) as crop:
+            for y, x, h, w in [(0, 0, 23, 17), (3, 2, 10, 10), (-4, 5, 30, 9), (20, -3, 8, 8)]:
+                want = ArrayImage(image if mode == "none" else 255 - image).read(y, x, h, w)
+                np.testing.assert_array_equal(crop.read(y, x, h, w).numpy(), want)
+            crop.fill()
+            assert (crop.pixel_transform is None) == (mode == "none")
+        assert devices == ([] if mode == "none" else [CPU])
+        assert (mapped == (0 if mode == "none" else 1)).all()
+
+
+class CountingJitter(ColourJitter):
+    """A ColourJitter that adds up the pixels it jittered (all instances, thread-safe)."""
+
+    pixels = 0
+    lock = threading.Lock()
+
+    def __call__(self, pixels):
+        with CountingJitter.lock:
+            CountingJitter.pixels += pixels[0].numel()
+        return super().__call__(pixels)
+
+
+@given(data=image_and_region(), p=params_strategy, mode=st.sampled_from(["none", "device", "host"]))
+def test_the_augmented_crop_reads_like_augmented_view(data, p, mode):
+    """augmented_crop (jitter at fill; in mode none per tile): AugmentedView's bytes, white outside."""
+    image, (y, x, h, w) = data
+    with augmented_crop(ArrayImage(image), p, CPU, mode, band_bytes=3 * 3 * image.shape[2]) as view:
+        assert view.shape == AugmentedView(ArrayImage(image), p).shape
+        np.testing.assert_array_equal(
+            view.read(y, x, h, w).numpy(), AugmentedView(ArrayImage(image), p).read(y, x, h, w)
+        )
+        assert (view.jitter is not None) == (mode == "none" and any(p.hsv_shift))
+        assert (view.source.pixel_transform is not None) == (mode != "none" and any(p.hsv_shift))
+
+
 # ----------------------------------------------------------------------------- a training step
 SIZE, TILE = (1100, 1000), 1024  # ResNet-34 trunk: three tiles per pass at this size
 PARAMS = AugmentParams(flip_v=True, flip_h=False, rot90_k=1, hsv_shift=(0.03, -0.1, 0.08))
@@ -334,6 +473,44 @@ def test_cached_and_uncached_steps_have_bitwise_equal_gradients_and_the_cache_de
             np.testing.assert_array_equal(counting.counts, uncached.counts)
         else:
             assert (counting.counts == 1).all(), mode
+
+
+@pytest.mark.parametrize("colour_table", [True, False])
+def test_either_way_of_jittering_leaves_the_gradients_bit_for_bit(tiny_model, pixels, colour_table):
+    """The same step with the jitter through the slide's colour table (the default at this size)
+    and by arithmetic: equal loss and gradients, bit for bit, to today's path (NumPy AugmentedView)."""
+    want_loss, want = step(tiny_model, AugmentedView(ArrayImage(pixels), PARAMS))
+    with CropCache.open(ArrayImage(pixels), "device", CPU) as crop:
+        view = DeviceAugmentedView(crop, PARAMS, CPU, colour_table=colour_table)
+        loss, got = step(tiny_model, view)
+    assert (view.jitter.table is not None) == colour_table
+    assert torch.equal(loss, want_loss)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["device", "host", "none"])
+def test_jitter_at_fill_leaves_the_gradients_bit_for_bit_and_jitters_each_pixel_once(
+    tiny_model, pixels, mode, monkeypatch
+):
+    """Training's augmented_crop against the per-tile jitter (DeviceAugmentedView over the cache)
+    and NumPy AugmentedView: equal loss and gradients, bit for bit. With a buffer every crop
+    pixel is jittered once per step; in mode none every tile pixel read (halos, both passes)."""
+    want_loss, want = step(tiny_model, AugmentedView(ArrayImage(pixels), PARAMS))
+    with CropCache.open(ArrayImage(pixels), mode, CPU) as crop:
+        per_tile_loss, per_tile = step(tiny_model, DeviceAugmentedView(crop, PARAMS, CPU))
+    monkeypatch.setattr("torch_impl.slides.device_view.ColourJitter", CountingJitter)
+    CountingJitter.pixels = 0
+    counting = CountingImage(pixels)
+    with augmented_crop(counting, PARAMS, CPU, mode, band_bytes=100 * 3 * SIZE[1]) as view:
+        loss, got = step(tiny_model, view)
+    assert torch.equal(loss, want_loss) and torch.equal(per_tile_loss, want_loss)
+    for a, b, c in zip(got, per_tile, want, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    if mode == "none":
+        assert CountingJitter.pixels == counting.counts.sum() > 2 * pixels[0].size
+    else:
+        assert CountingJitter.pixels == pixels[0].size and (counting.counts == 1).all()
 
 
 def test_phase_one_reads_each_pixel_once(tiny_model, pixels):

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from tests.data_fixtures import TINY, make_tiny_camelyon
 from tests.model_fixtures import CONFIG, MPP, cpu_options, save_tiny_checkpoint, tiny_model
 from torch_impl.pipeline.checkpoint import load_model
+from torch_impl.pipeline.cli import main as cli_main
 from torch_impl.pipeline.evaluate import bootstrap_auc_ci, evaluate_run, main_evaluate, roc_curve
 from torch_impl.pipeline.heatmap import (
     attention_auc,
@@ -203,6 +204,27 @@ def test_bad_slide_raises_or_is_skipped_cli(data_root, checkpoint, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["slide_id"] for s in metrics["skipped"]] == ["test_002"]
     assert metrics["mpp"] == MPP  # from the checkpoint's train_config
+
+
+def test_evaluate_without_the_slide_cache_gives_the_same_probabilities(run, data_root, checkpoint, tmp_path):
+    """``--slide-cache none`` (every tile read from the file) against the default ``auto`` (the
+    crop decoded once): the same predictions.csv, digit for digit, and the same attention."""
+    out, _ = run  # evaluate_run's default: auto
+    argv = ["--data", str(data_root), *cpu_options(checkpoint, tmp_path), "--slide-cache", "none", "--bootstrap", "50"]
+    assert main_evaluate(argv) == 0
+    assert (tmp_path / "predictions.csv").read_bytes() == (out / "predictions.csv").read_bytes()
+    for npy in (out / "attention").glob("*.npy"):
+        np.testing.assert_array_equal(np.load(npy), np.load(tmp_path / "attention" / npy.name))
+    with pytest.raises(SystemExit):  # not a mode: a usage error
+        main_evaluate(["--data", str(data_root), *cpu_options(checkpoint, tmp_path), "--slide-cache", "disk"])
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "heatmap", "predict"])
+def test_every_inference_verb_offers_the_slide_cache(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main([verb, "--help"], prog="streamingclam")
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "--slide-cache {auto,device,host,none}" in text
 
 
 # ---------------------------------------------------------------- cells -> pixels
@@ -389,6 +411,8 @@ def test_main_heatmap_cli(run, data_root, checkpoint, tmp_path):
                 *cpu_options(checkpoint, tmp_path / "model"),
                 "--amp",
                 "off",
+                "--slide-cache",
+                "none",  # evaluate (the `run` fixture) read through the cache
             ]
         )
         == 0

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from matplotlib.path import Path as MplPath
 
 from tests.data_fixtures import make_tiny_camelyon
 from tests.model_fixtures import CONFIG, MPP, cpu_options, save_tiny_checkpoint, tiny_model
+from torch_impl.pipeline import predict as predict_module
 from torch_impl.pipeline.cli import main as cli_main
 from torch_impl.pipeline.config import TrainConfig
 from torch_impl.pipeline.evaluate import evaluate_run
@@ -50,7 +52,9 @@ from torch_impl.pipeline.runtime import BadSlideError, atomic_write, autocast_dt
 from torch_impl.pipeline.train import TrainingError, validate
 from torch_impl.slides import discover
 from torch_impl.slides.augment import AugmentedView
+from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.inputs import open_slide_input
+from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
 
 
 # ---------------------------------------------------------------- fixtures
@@ -108,6 +112,52 @@ def test_predict_slide_deterministic_and_restores_mode(data_root, model):
     # P(tumour) is the softmax of the logits
     assert a.logits.shape == (2,) and a.logits.dtype == np.float32
     assert a.prob_tumor == pytest.approx(float(torch.softmax(torch.from_numpy(a.logits), 0)[1]), abs=1e-6)
+
+
+class CountingSource:
+    """A lazy source that counts, per pixel, how often it was read (thread-safe)."""
+
+    def __init__(self, source):
+        self.source, self.shape, self.dtype = source, source.shape, source.dtype
+        self.counts = np.zeros(source.shape[1:], dtype=np.int64)  # (h, w)
+        self._lock = threading.Lock()
+
+    def read(self, y, x, h, w):
+        with self._lock:
+            self.counts[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] += 1
+        return self.source.read(y, x, h, w)
+
+
+def test_the_slide_cache_gives_the_same_prediction_and_decodes_each_pixel_once(model, tmp_path):
+    """A crop of several overlapping tiles (a synthetic slide read at its own 0.25 um/px, tile
+    1024): every slide_cache mode predicts the same, bit for bit; with a cache each pixel is
+    decoded once, without it the tiles' halos are decoded again (the plan's tile areas)."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, synthesize_slide((1536, 1536), True, 4).rgb, 0.25)
+    slide_input = open_slide_input(path, mpp=0.25)
+    try:
+        _, h, w = slide_input.source.shape
+        plan = model.trunk.plan((h, w))
+        assert len(plan.tiles) > 1
+        preds, counts = {}, {}
+        for mode in ("none", "device", "host"):  # on the CPU "auto" is "device"
+            counting = CountingSource(slide_input.source)
+            preds[mode] = predict_slide(
+                model, dataclasses.replace(slide_input, source=counting), "cpu", slide_cache=mode
+            )
+            counts[mode] = counting.counts
+    finally:
+        slide_input.close()
+    for mode, pred in preds.items():
+        assert pred.prob_tumor == preds["none"].prob_tumor, mode
+        np.testing.assert_array_equal(pred.logits, preds["none"].logits, err_msg=mode)
+        np.testing.assert_array_equal(pred.attention, preds["none"].attention, err_msg=mode)
+        if mode != "none":
+            assert (counts[mode] == 1).all(), mode
+    tile_area = sum(t.row.length * t.col.length for t in plan.tiles)
+    assert counts["none"].sum() == tile_area > h * w and counts["none"].max() >= 2
+    with pytest.raises(ValueError, match="slide cache mode must be one of auto, device, host, none, got 'fast'"):
+        predict_file(model, path, 0.25, slide_cache="fast")
 
 
 def test_predict_slide_refuses_other_device(data_root, model):
@@ -184,6 +234,30 @@ def test_validate_is_the_plain_forward_pass(data_root, model):
     )
     assert got["val_auc"] == pytest.approx(want_auc, abs=1e-12)
     assert got["val_accuracy"] == pytest.approx(np.mean((np.array(probs) >= 0.5) == labels), abs=1e-12)
+
+
+def test_validate_reads_each_slide_through_the_configured_cache(data_root, model, monkeypatch):
+    """Validation opens every slide's crop with the training config's slide_cache (with a cache
+    each pixel is decoded once); the metrics are those of mode "none", bit for bit."""
+    records = _test_records(data_root)
+    opened, counters = [], []
+    open_cache = CropCache.open
+
+    def spy(source, mode="auto", *args, **kwargs):
+        counters.append(CountingSource(source))
+        opened.append(mode)
+        return open_cache(counters[-1], mode, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module.CropCache, "open", spy)
+    got = {}
+    for mode in ("none", "host"):
+        opened.clear()
+        counters.clear()
+        got[mode] = validate(model, records, TrainConfig(mpp=MPP, slide_cache=mode), torch.device("cpu"), None)
+        assert opened == [mode] * len(records)
+        if mode == "host":
+            assert all((c.counts == 1).all() for c in counters)
+    assert got["host"] == got["none"]
 
 
 def test_validate_skips_or_raises_on_a_bad_slide(data_root, model, tmp_path):
@@ -357,6 +431,8 @@ def test_predict_cli_gives_evaluates_probabilities_and_heatmaps(data_root, check
                 "--amp",
                 "off",
                 "--heatmaps",
+                "--slide-cache",
+                "none",  # evaluate_run above read through the cache (its default, auto)
             ]
         )
         == 0
@@ -397,6 +473,8 @@ def test_predict_run_list_of_files_and_bad_slides(data_root, checkpoint, tmp_pat
     files = [folder / "test_004.tif", folder / "test_002.tif", folder / "test_001.tif"]
     with pytest.raises(BadSlideError, match="test_002.tif.*--skip-bad-slides"):
         predict_run(checkpoint, files, tmp_path / "strict", device="cpu")
+    with pytest.raises(ValueError, match="slide_cache must be one of auto, device, host, none, got 'disk'"):
+        predict_run(checkpoint, files, tmp_path / "strict", device="cpu", slide_cache="disk")
     summary = predict_run(checkpoint, files, tmp_path / "lenient", device="cpu", skip_bad_slides=True)
     rows = _read_csv(tmp_path / "lenient" / "predictions.csv")
     assert [r["image"] for r in rows] == ["test_004", "test_001"]  # the order given

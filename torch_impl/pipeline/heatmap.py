@@ -114,7 +114,7 @@ _CONTOUR_COLORS = [(255, 0, 0), (255, 140, 0), (255, 215, 0), (0, 160, 255)]  # 
 
 @dataclass(frozen=True, kw_only=True)
 class HeatmapOptions(InferenceOptions):
-    """The ``heatmap`` command (--out, --mpp, --device, --amp from
+    """The ``heatmap`` command (--out, --mpp, --device, --amp, --slide-cache from
     :class:`~torch_impl.pipeline.predict.InferenceOptions`; --checkpoint becomes optional).
     Raises ValueError when neither --checkpoint nor --attention is given, or for sizes < 1."""
 
@@ -676,7 +676,9 @@ def main_heatmap(argv: Sequence[str] | None = None, prog: str | None = None) -> 
     else:
         device = resolve_device(opts.device)
         model, _ = load_model(opts.checkpoint, device=device)
-        prediction = predict_file(model, opts.slide, trained_mpp(opts.checkpoint, opts.mpp), device, opts.amp)
+        prediction = predict_file(
+            model, opts.slide, trained_mpp(opts.checkpoint, opts.mpp), device, opts.amp, slide_cache=opts.slide_cache
+        )
         save_prediction(prediction, opts.out_dir / "attention")  # to redraw without the model
     write_heatmap(
         prediction,

@@ -57,8 +57,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..models.streaming_clam import StreamingCLAM, build_model
 from ..slides import SlideError, SlideRecord, discover, make_splits
 from ..slides.augment import AugmentedView, draw_augmentation
-from ..slides.crop_cache import CropCache
-from ..slides.device_view import DeviceAugmentedView
+from ..slides.device_view import augmented_crop
 from ..slides.inputs import SlideInput
 from .calibration import calibrate_batchnorm, calibration_batch
 from .checkpoint import load_checkpoint, quiet_random_init, rng_state, save_checkpoint, set_rng_state
@@ -240,16 +239,17 @@ def _train_slide(
             [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         )
         try:
-            # the crop is decoded once for the forward and the backward pass (config.slide_cache);
-            # flips, quarter turns and the colour jitter run on each tile on the device, equal
-            # to the NumPy `view` bit for bit on the CPU (tests/test_device_view.py)
+            # the crop is decoded once for the forward and the backward pass (config.slide_cache)
+            # and colour-jittered once per pixel as it is filled; flips and quarter turns run on
+            # each tile on the device (with mode none, the jitter too); equal to the NumPy `view`
+            # bit for bit on the CPU (tests/test_device_view.py)
             with (
-                CropCache.open(slide.source, config.slide_cache, device) as crop,
+                augmented_crop(slide.source, aug, device, config.slide_cache) as augmented,
                 torch.random.fork_rng(devices=devices),
             ):
                 torch.manual_seed(torch_seed)
                 with _autocast(device, amp_dtype):
-                    output = model(DeviceAugmentedView(crop, aug, device), mask, label)
+                    output = model(augmented, mask, label)
                 loss = model.loss(output, label)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
@@ -337,6 +337,7 @@ def validate(
         "off" if amp_dtype is None else "bf16",
         config.skip_bad_slides,
         progress=progress,
+        slide_cache=config.slide_cache,  # each slide decoded once, as in training
     )
     rows: list[tuple[str, int, float, float]] = []
     for pred in predictions:

@@ -9,6 +9,7 @@ Imports neither the models nor the pipeline: a slide becomes what a model eats (
     tissue.py      tissue mask (Otsu on saturation), bounding box, crops, masks at other resolutions
     camelyon.py    CAMELYON16 folder layout, labels, splits, ASAP XML annotations
     synthetic.py   a synthetic mini-CAMELYON16 (pyramidal JPEG TIFFs with lesions and XML)
+    synthetic_camelyon.py  a harder one: small lesions seen only at fine scale, confounders
     augment.py     flips, quarter turns and HSV jitter as a lazy view (the NumPy reference)
     device_jitter.py  the HSV jitter in torch, for tiles on the device
     device_view.py    DeviceAugmentedView: the augmentation in torch, tile by tile on the device

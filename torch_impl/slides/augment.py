@@ -194,12 +194,16 @@ class AugmentedView:
         return y, x, h, w
 
     def transform_array(self, a: np.ndarray) -> np.ndarray:
-        """Apply the flips and rotations (not the colour) to the last two axes of ``a``."""
+        """Apply the flips and rotations (not the colour) to the last two axes of ``a``.
+
+        Returns ``a`` itself when that leaves no negative stride (no flip or turn: a reader's
+        interleaved view stays as it is, for the engine's one conversion pass), else a
+        C-contiguous copy (torch.from_numpy rejects negative strides; size-1 axes can keep a
+        negative stride while numpy calls the array contiguous, so the strides are checked).
+        """
         for step in self._steps:
             a = _apply_step(step, a)
-        # A copy unless already plain C order; size-1 axes can keep a negative stride while
-        # numpy calls the array contiguous, and torch.from_numpy rejects negative strides.
-        if not a.flags.c_contiguous or any(s < 0 for s in a.strides):
+        if any(s < 0 for s in a.strides):
             a = a.copy()
         return a
 

@@ -4,13 +4,16 @@ The forward and the backward pass of a streamed step read the same pixels, and n
 tiles share their halos, so reading every tile from the file decodes most pixels two or
 three times. A :class:`CropCache` decodes the crop once, in row bands of full width read
 through the source's ``read`` (a multi-threaded reader decodes each band in parallel), into
-one (3, H, W) uint8 buffer, and answers every tile read with a slice of it:
+one uint8 buffer, and answers every tile read with a slice of it:
 
     with CropCache.open(slide_input.source, mode="auto", device=device) as crop:
         model(DeviceAugmentedView(crop, params, device), mask, label)   # forward + backward
 
 Filling. A background thread starts at :meth:`CropCache.open` and fills the buffer band by
-band from the top, the order in which the forward pass's tile plan runs, so decoding
+band from the top (bands of about ``band_bytes``; for a source with ``tile_rows``, a
+:class:`~torch_impl.slides.slide.Slide` or a view of one, bands start and end on the file's
+tile rows, so every stored tile is decoded once: a band edge inside a tile row would decode
+that row in both bands), the order in which the forward pass's tile plan runs, so decoding
 overlaps the forward pass's compute. A read needs only the bands it covers: one not there
 yet is decoded by the reading thread itself (a vertically flipped view starts at the last
 bands), and each band is decoded once, by whichever thread needs it first. A device buffer
@@ -36,6 +39,23 @@ Tiers (``mode``):
 The choice and its reason are logged (DEBUG when the first tier asked for is used, INFO when
 ``auto`` falls back).
 
+Pixel transform. ``make_pixel_transform`` (optional) is called once, with the buffer's
+device, and returns a pointwise map of (3, h, w) uint8 pixels (each output pixel a function
+of the same input pixel alone, e.g. one slide's colour jitter,
+:class:`~torch_impl.slides.device_jitter.ColourJitter`); every band is mapped as it is filled,
+on the buffer's device, so each crop pixel is transformed once, however often the tiles over it
+are read, and reads answer the transformed crop. Being pointwise, the band-wise map equals the
+map of each tile, and commutes with flips and quarter turns. In mode ``"none"`` there is no
+buffer and nothing is mapped (``pixel_transform`` is None): reads return the source's pixels,
+and the caller applies the map per tile.
+
+Layout. The buffer is interleaved, (H, W, 3) in memory, as slide readers return their
+(3, h, w) pixels (:func:`~torch_impl.slides.tiff_reader.interleaved_chw`): a band is copied in
+whole pixel rows, and a tile is the (3, h, w) view ``buffer[y:y+h, x:x+w].permute(2, 0, 1)``;
+the engine's uint8 -> float conversion (:func:`~torch_impl.streaming.to_model_input`) writes
+contiguous channel planes. A source with planar (C-contiguous) bands is still held exactly,
+through a slower copy that interleaves them.
+
 Pixels. The buffer holds what the source's band reads return. For a source whose pixels do
 not depend on the region read (an ``ArrayImage``; a ``Slide`` served at a pyramid level's own
 resolution) that is exactly what each tile read would return. A ``Slide`` resampled between
@@ -50,15 +70,25 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_right
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
+from ..streaming.sources import host_tensor, to_device
 from .slide import ImageSource, check_region, read_clipped
 
-__all__ = ["MODES", "CropCache", "available_host_memory", "choose_mode", "free_device_memory"]
+__all__ = [
+    "MODES",
+    "CropCache",
+    "PixelTransform",
+    "available_host_memory",
+    "choose_mode",
+    "free_device_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +102,9 @@ DEFAULT_FRACTION = 0.5
 DEFAULT_BAND_BYTES = 64 * 2**20
 
 _GIB = 2.0**30
+
+#: A pointwise map of (3, h, w) uint8 pixels to (3, h, w) uint8 pixels on the same device.
+PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def free_device_memory(device: torch.device | str) -> int:
@@ -144,32 +177,49 @@ class CropCache:
     """A lazy (3, H, W) uint8 source held whole, once decoded (module docstring).
 
     Itself a lazy source: ``shape``, ``dtype`` and ``read(y, x, h, w)``, which returns a
-    (3, h, w) uint8 tensor: a view of the buffer (no copy; do not write into it) on the
-    buffer's device for regions inside the crop, a white-padded copy for regions crossing
-    its border, and the source's own pixels (host) in mode ``"none"``. ``read`` is
-    thread-safe. Make one with :meth:`open`; free it with :meth:`close` or ``with``.
+    (3, h, w) uint8 tensor: a view of the buffer (no copy, channels interleaved in memory;
+    do not write into it) on the buffer's device for regions inside the crop, a
+    white-padded copy for regions crossing its border, and the source's own pixels (host)
+    in mode ``"none"``. ``read`` is thread-safe. Make one with :meth:`open`; free it with
+    :meth:`close` or ``with``.
 
     Attributes:
         mode: ``"device"``, ``"host"`` or ``"none"``, the tier chosen.
         reason: why, in words (also logged).
         nbytes: bytes of the buffer (0 in mode ``"none"``).
+        pixel_transform: the map applied to every band as it is filled (module docstring);
+            None without one, and always in mode ``"none"``.
     """
 
-    def __init__(self, source: ImageSource, mode: str, reason: str, device: torch.device, band_rows: int):
+    def __init__(
+        self,
+        source: ImageSource,
+        mode: str,
+        reason: str,
+        device: torch.device,
+        band_rows: int,
+        make_pixel_transform: Callable[[torch.device], PixelTransform] | None = None,
+    ):
         self.source, self.mode, self.reason = source, mode, reason
         C, H, W = (int(n) for n in source.shape)
         self._shape = (C, H, W)
-        self._buffer: torch.Tensor | None = None
-        self._bands = [(r, min(r + band_rows, H)) for r in range(0, H, band_rows)]
-        self._band_rows = band_rows
+        self._buffer: torch.Tensor | None = None  # (H, W, C): interleaved (module docstring)
+        period, phase = getattr(source, "tile_rows", None) or (1, 0)
+        band_rows = -(-band_rows // period) * period  # whole tile rows
+        starts = ([0] if phase else []) + list(range(phase, H, band_rows))  # tile-row edges from `phase` on
+        self._starts = starts
+        self._bands = [(r, min(r1, H)) for r, r1 in zip(starts, [*starts[1:], H], strict=True)]
         self._locks = [threading.Lock() for _ in self._bands]  # held while the band is decoded
         self._loaded = [False] * len(self._bands)
         self._error: BaseException | None = None  # the first failed band read
         self._closing = threading.Event()
         self._filler: threading.Thread | None = None
         self._stream: torch.cuda.Stream | None = None  # band copies to a GPU
+        self.pixel_transform: PixelTransform | None = None
         if mode != "none":
-            self._buffer = torch.empty(self._shape, dtype=torch.uint8, device=device if mode == "device" else "cpu")
+            self._buffer = torch.empty((H, W, C), dtype=torch.uint8, device=device if mode == "device" else "cpu")
+            if make_pixel_transform is not None:
+                self.pixel_transform = make_pixel_transform(self._buffer.device)
             if self._buffer.device.type == "cuda":
                 self._stream = torch.cuda.Stream(self._buffer.device)
                 self._stream.wait_stream(torch.cuda.current_stream(self._buffer.device))  # after the allocation
@@ -185,6 +235,7 @@ class CropCache:
         budget_bytes: int | None = None,
         host_budget_bytes: int | None = None,
         band_bytes: int = DEFAULT_BAND_BYTES,
+        make_pixel_transform: Callable[[torch.device], PixelTransform] | None = None,
     ) -> CropCache:
         """Choose the tier for ``source`` and start filling it (module docstring).
 
@@ -197,7 +248,11 @@ class CropCache:
                 :func:`free_device_memory` on CUDA, the host budget on the CPU).
             host_budget_bytes: most bytes it may take in host memory (default: half of
                 :func:`available_host_memory`).
-            band_bytes: host bytes per band read while filling (at least one row).
+            band_bytes: host bytes per band read while filling (at least one row; rounded up
+                to whole tile rows of a source with ``tile_rows``).
+            make_pixel_transform: called with the buffer's device (not in mode ``"none"``);
+                returns the pointwise map applied to each band as it is filled (module
+                docstring), e.g. ``lambda device: ColourJitter(hsv_shift, device)``.
 
         Raises:
             ValueError: unknown mode, a non-uint8 source, or an explicit tier that does not fit.
@@ -212,7 +267,7 @@ class CropCache:
         if budget_bytes is None:
             budget_bytes = int(DEFAULT_FRACTION * free_device_memory(device)) if device.type == "cuda" else host
         chosen, reason = choose_mode(C * H * W, mode, device, budget_bytes, host)
-        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * W)))
+        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * W)), make_pixel_transform)
         fell_back = mode == "auto" and chosen != "device"
         (logger.info if fell_back else logger.debug)("slide cache %s for %s: %s", chosen, source, reason)
         return cache
@@ -240,7 +295,7 @@ class CropCache:
         y, x, h, w = check_region(y, x, h, w)
         if self.mode == "none":
             with record_function("slides.decode"):
-                return torch.from_numpy(np.ascontiguousarray(self.source.read(y, x, h, w)))
+                return host_tensor(np.asarray(self.source.read(y, x, h, w)))
         buffer = self._buffer
         if buffer is None:
             raise RuntimeError(f"{self!r} is closed: read it inside its `with` block")
@@ -248,7 +303,7 @@ class CropCache:
 
         def inside(y0: int, x0: int, h0: int, w0: int) -> torch.Tensor:
             self._wait(y0, y0 + h0)  # rows decoded (by the filler, or here)
-            return buffer[:, y0 : y0 + h0, x0 : x0 + w0]  # a view: no copy
+            return buffer[y0 : y0 + h0, x0 : x0 + w0].permute(2, 0, 1)  # a (3, h0, w0) view: no copy
 
         return read_clipped(
             y, x, h, w, H, W, inside, lambda: torch.full((C, h, w), 255, dtype=torch.uint8, device=buffer.device)
@@ -263,7 +318,7 @@ class CropCache:
     # ------------------------------------------------------------------ filling
     def _wait(self, y0: int, y1: int) -> None:
         """Return once rows [y0, y1) are in the buffer, decoding the bands not yet there."""
-        for k in range(y0 // self._band_rows, (y1 - 1) // self._band_rows + 1):
+        for k in range(bisect_right(self._starts, y0) - 1, bisect_right(self._starts, y1 - 1)):
             self._ensure(k)
 
     def _ensure(self, k: int) -> None:
@@ -284,7 +339,10 @@ class CropCache:
             try:
                 band = self._read_band(r0, r1)
                 with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                    self._buffer[:, r0:r1].copy_(band)
+                    if self.pixel_transform is not None:  # on the buffer's device, once per crop pixel
+                        with record_function("slides.augment"):
+                            band = self.pixel_transform(to_device(band, self._buffer.device))
+                    self._buffer[r0:r1].copy_(band.permute(1, 2, 0))  # whole rows from an interleaved band
                     if self._stream is not None:
                         self._stream.synchronize()  # on the GPU before any reader slices it
             except BaseException as error:
@@ -309,16 +367,17 @@ class CropCache:
         )
 
     def _read_band(self, r0: int, r1: int) -> torch.Tensor:
-        """(3, r1 - r0, W) uint8 host tensor of rows [r0, r1), checked."""
+        """(3, r1 - r0, W) uint8 host tensor of rows [r0, r1) (the source's strides), checked."""
         C, _, W = self._shape
         band = self.source.read(r0, 0, r1 - r0, W)
         if isinstance(band, torch.Tensor):
             band_shape, band_dtype = tuple(band.shape), band.dtype
             ok = band.dtype == torch.uint8
         else:
-            band = np.ascontiguousarray(band)
+            band = np.asarray(band)
             band_shape, band_dtype, ok = band.shape, band.dtype, band.dtype == np.uint8
-            band = torch.from_numpy(band)
+            if ok:
+                band = host_tensor(band)
         if band_shape != (C, r1 - r0, W) or not ok:
             raise ValueError(
                 f"{self.source!r}.read({r0}, 0, {r1 - r0}, {W}) returned {band_dtype} of shape "

@@ -10,6 +10,11 @@ at a time. Every source in this project speaks the same small protocol (`ImageSo
     source.read(y, x, h, w) -> (3, h, w) uint8 array of rows [y, y+h) and columns [x, x+w);
                                any part outside [0, H) x [0, W) is white (255)
 
+The (3, h, w) result may have any strides: `Slide.read` returns a channels-first view of
+interleaved (h, w, 3) memory (`tiff_reader.interleaved_chw`), which is how decoders write
+pixels; consumers index it, or hand it to the streaming engine, whose uint8 -> float copy
+makes the channel planes contiguous.
+
 `Slide` implements it for any vendor format OpenSlide reads; for TIFF-family slides (generic
 tiled pyramidal TIFF, Aperio SVS) it decodes the tiles itself, in threads, with the fast
 reader of `tiff_reader.py` (same pixels, several times faster), and OpenSlide stays the
@@ -40,7 +45,7 @@ import numpy as np
 import openslide
 
 from .resample import shrink_pil, shrink_rgbx
-from .tiff_reader import TiffPyramid, TileError, UnsupportedTiff, shared_pool
+from .tiff_reader import TiffPyramid, TileError, UnsupportedTiff, interleaved_chw, shared_pool
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +176,15 @@ class RegionView:
     @property
     def dtype(self) -> np.dtype:
         return self.source.dtype
+
+    @property
+    def tile_rows(self) -> tuple[int, int] | None:
+        """The source's `Slide.tile_rows` in the view's rows (None if the source has none)."""
+        rows = getattr(self.source, "tile_rows", None)
+        if rows is None:
+            return None
+        period, phase = rows
+        return period, (phase - self.y0) % period
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = check_region(y, x, h, w)
@@ -411,14 +425,28 @@ class Slide:
         """Number of pyramid levels in the file."""
         return len(self._level_dims)
 
+    @property
+    def tile_rows(self) -> tuple[int, int] | None:
+        """(period, phase): the file's tiles start at the rows y = phase (mod period) of `read`,
+        so reads in bands from such a row to such a row decode every stored tile once (what
+        `CropCache` fills by); None when they do not line up with whole rows (resampled reads)
+        or the file does not say. Here phase is 0 and period the tile height of the level."""
+        if self.resample != (1.0, 1.0):
+            return None
+        if self._tiff is not None:
+            return self._tiff.levels[self.level].tile_h, 0
+        height = self._osr.properties.get(f"openslide.level[{self.level}].tile-height") if self._osr else None
+        return (int(height), 0) if height else None
+
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Rows [y, y+h), columns [x, x+w) at the working resolution, as (3, h, w) uint8 RGB.
 
         Pixels outside [0, H) x [0, W) are white (255); alpha is composited onto white.
-        Only the level pixels under the region are decoded.
+        Only the level pixels under the region are decoded. The result is a view of
+        interleaved (h, w, 3) memory (`interleaved_chw`, module docstring).
         """
         y, x, h, w = check_region(y, x, h, w)
-        out = np.empty((3, h, w), dtype=np.uint8)  # the one buffer of this read
+        out = interleaved_chw(h, w)  # the one buffer of this read
         _, H, W = self._shape
         y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
         if (y0, y1, x0, x1) != (y, y + h, x, x + w):
@@ -442,8 +470,9 @@ class Slide:
         out: np.ndarray | None = None,
         layout: str = "chw",
     ) -> np.ndarray:
-        """(3, h, w) uint8 RGB of a region given in `level`'s own pixel grid (into `out`);
-        (h, w, 4) RGBX with `layout="rgbx"` (see `TiffPyramid.read`).
+        """(3, h, w) uint8 RGB of a region given in `level`'s own pixel grid (into `out`, any
+        strides; new ones are `interleaved_chw`); (h, w, 4) RGBX with `layout="rgbx"` (see
+        `TiffPyramid.read`).
 
         Fast backend: `TiffPyramid.read` (the level's exact pixel grid). OpenSlide takes
         the location in level-0 pixels: we pass round(level px * downsample). For levels
@@ -474,8 +503,8 @@ class Slide:
             out[..., :3] = rgb
         else:
             if out is None:
-                out = np.empty((3, h, w), dtype=np.uint8)
-            out[...] = rgb.transpose(2, 0, 1)
+                out = interleaved_chw(h, w)
+            out.transpose(1, 2, 0)[...] = rgb  # whole pixel rows when `out` is interleaved
         return out
 
     def _read_scaled(
@@ -489,7 +518,8 @@ class Slide:
         fx: float,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(3, h, w) uint8 of an output grid that shrinks `level` by (fy, fx) (into `out`).
+        """(3, h, w) uint8 of an output grid that shrinks `level` by (fy, fx) (into `out`; a new
+        one is `interleaved_chw`).
 
         Output pixel (i, j) averages the level pixels whose centres lie in [i fy, (i+1) fy)
         x [j fx, (j+1) fx) (PIL's BOX filter; module docstring). We decode the integer level
@@ -499,7 +529,7 @@ class Slide:
         bands of rows. Both run on the slide's threads.
         """
         if out is None:
-            out = np.empty((3, h, w), dtype=np.uint8)
+            out = interleaved_chw(h, w)
         lw, lh = self._level_dims[level]
         by0, by1 = y * fy, (y + h) * fy  # footprint in level pixels (fractional)
         bx0, bx1 = x * fx, (x + w) * fx
@@ -518,7 +548,8 @@ class Slide:
                 return out
             patch = np.ascontiguousarray(patch[..., :3].transpose(2, 0, 1))  # rare edge case
         else:
-            patch = self._read_level(level, iy0, ix0, ih, iw)  # (3, ih, iw)
+            # PIL shrinks channel by channel: contiguous planes (3, ih, iw)
+            patch = self._read_level(level, iy0, ix0, ih, iw, out=np.empty((3, ih, iw), dtype=np.uint8))
             if any(pad):
                 patch = np.pad(patch, ((0, 0), (0, pad[0]), (0, pad[1])), "edge")
         shrink_pil(patch, (iy0, ix0), (y, x, h, w), (fy, fx), out, self._pool)

@@ -21,6 +21,7 @@ rasterised with `rasterize_polygons`, so annotation and texture agree by constru
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -206,8 +207,14 @@ def pyramid(rgb: np.ndarray, min_size: int = _MIN_LEVEL_SIZE) -> list[np.ndarray
                 f"slide size {rgb.shape[:2]} halves to an odd size {(h, w)} before reaching "
                 f"{min_size} px; use sizes divisible by a power of two (e.g. multiples of 256)"
             )
-        s = a.reshape(h // 2, 2, w // 2, 2, 3).astype(np.uint16).sum(axis=(1, 3))
-        levels.append(((s + 2) // 4).astype(np.uint8))  # rounded mean, (h/2, w/2, 3)
+        # four strided adds: the same sum as reshape(...).sum(axis=(1, 3)), ~10x faster
+        s = a[0::2, 0::2].astype(np.uint16)
+        s += a[1::2, 0::2]
+        s += a[0::2, 1::2]
+        s += a[1::2, 1::2]
+        s += 2
+        s //= 4
+        levels.append(s.astype(np.uint8))  # rounded mean, (h/2, w/2, 3)
     return levels
 
 
@@ -236,15 +243,49 @@ def write_pyramid_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, qua
             )
 
 
+@dataclass(frozen=True)
+class DataPreset:
+    """The default size of a synthetic data set: slide counts, level-0 size (H, W) px and um/px."""
+
+    n_normal: int
+    n_tumor: int
+    n_test_normal: int
+    n_test_tumor: int
+    size: tuple[int, int]
+    mpp: float
+
+
+#: `make_demo_data`'s difficulties and their defaults. "demo": big, darker lesions (this
+#: module's painter); "camelyon": small lesions visible only at fine scale, with confounders
+#: (`synthetic_camelyon.py`), in CAMELYON16's class balance (160 + 110 training, 80 + 49 test
+#: slides) scaled down to 2 mm square slides.
+DIFFICULTIES: dict[str, DataPreset] = {
+    "demo": DataPreset(n_normal=6, n_tumor=6, n_test_normal=4, n_test_tumor=4, size=(2048, 2048), mpp=0.25),
+    "camelyon": DataPreset(n_normal=24, n_tumor=16, n_test_normal=12, n_test_tumor=8, size=(8192, 8192), mpp=0.25),
+}
+
+#: Columns of `<root>/lesions.csv` (written for the "camelyon" difficulty).
+LESION_CSV_COLUMNS = (
+    "slide_id",
+    "split",
+    "label",
+    "n_lesions",
+    "largest_lesion_mm",
+    "lesion_area_mm2",
+    "category",
+)
+
+
 def make_demo_data(
     root: str | os.PathLike,
-    n_normal: int = 6,
-    n_tumor: int = 6,
-    n_test_normal: int = 4,
-    n_test_tumor: int = 4,
-    size: int | tuple[int, int] = (2048, 2048),
+    n_normal: int | None = None,
+    n_tumor: int | None = None,
+    n_test_normal: int | None = None,
+    n_test_tumor: int | None = None,
+    size: int | tuple[int, ...] | None = (),
     seed: int = 0,
-    mpp: float = 0.25,
+    mpp: float | None = None,
+    difficulty: str = "demo",
 ) -> list[SlideRecord]:
     """Write a synthetic CAMELYON16 under `root` and return its records (as `discover` would).
 
@@ -252,11 +293,34 @@ def make_demo_data(
     testing/images/test_*.tif, testing/lesion_annotations/test_*.xml (tumour test slides),
     testing/reference.csv (no header, `test_001,Tumor,Macro` / `test_002,Normal`).
     Test labels are a seeded shuffle of n_test_normal zeros and n_test_tumor ones.
-    Slides are `size` = (H, W) level-0 pixels at `mpp` um/px with levels 1x, 2x, 4x, ...
+    Slides are `size` = (H, W) (or H for H x H) level-0 pixels at `mpp` um/px with levels
+    1x, 2x, 4x, ... Counts, `size` and `mpp` left at None (or `size` empty) take the
+    difficulty's preset (:data:`DIFFICULTIES`; "demo": 6 + 6 training and 4 + 4 test slides of
+    2048 x 2048 px at 0.25 um/px).
+
+    `difficulty` "demo" paints with :func:`synthesize_slide` (every tumour test slide is
+    `Tumor,Macro`); "camelyon" with :func:`~torch_impl.slides.synthetic_camelyon.synthesize_camelyon_slide`:
+    reference.csv says `Tumor,Macro` or `Tumor,Micro` by the largest lesion (ITC-sized ones
+    count as Micro, as CAMELYON16 has no third class), and `<root>/lesions.csv` lists every
+    slide's lesions (:data:`LESION_CSV_COLUMNS`; category none / itc / micro / macro).
     Everything is a function of `seed`; existing files are overwritten.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}; got {difficulty!r}")
+    preset = DIFFICULTIES[difficulty]
+    n_normal = preset.n_normal if n_normal is None else n_normal
+    n_tumor = preset.n_tumor if n_tumor is None else n_tumor
+    n_test_normal = preset.n_test_normal if n_test_normal is None else n_test_normal
+    n_test_tumor = preset.n_test_tumor if n_test_tumor is None else n_test_tumor
+    mpp = preset.mpp if mpp is None else mpp
+    if size is None or (not isinstance(size, int) and len(size) == 0):
+        size = preset.size
     root = Path(root)
-    H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    camelyon = difficulty == "camelyon"
+    paint = synthesize_slide
+    if camelyon:  # imported here: synthetic_camelyon builds on this module
+        from .synthetic_camelyon import synthesize_camelyon_slide as paint
     rng = np.random.default_rng(seed)
     test_labels = rng.permutation([0] * n_test_normal + [1] * n_test_tumor)
     # (slide id, label, split, slide folder, annotation folder or None)
@@ -285,8 +349,9 @@ def make_demo_data(
 
     start = time.perf_counter()
     records = []
+    lesion_rows: list[tuple] = []
     for slide_id, label, split, folder, ann_folder in plan:
-        slide = synthesize_slide((H, W), bool(label), slide_seed(seed, slide_id), mpp)
+        slide = paint((H, W), bool(label), slide_seed(seed, slide_id), mpp)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{slide_id}.tif"
         write_pyramid_tiff(path, slide.rgb, mpp)
@@ -296,6 +361,8 @@ def make_demo_data(
             ann_path = ann_folder / f"{slide_id}.xml"
             write_asap_xml(ann_path, slide.polygons)
         records.append(SlideRecord(slide_id, path, label, split, ann_path))
+        if camelyon:
+            lesion_rows.append(_lesion_row(slide, slide_id, split, label, mpp))
         logger.debug(
             "wrote %s (label %d, %.1f%% tissue, %.1f%% of it lesion)",
             path,
@@ -304,11 +371,17 @@ def make_demo_data(
             100 * slide.lesion.sum() / max(int(slide.tissue.sum()), 1),
         )
 
+    categories = {row[0]: row[-1] for row in lesion_rows}
     if len(test_labels):
         with open(root / "testing" / "reference.csv", "w") as f:
             for r in records:
                 if r.split == "test":
-                    f.write(f"{r.slide_id},Tumor,Macro\n" if r.label else f"{r.slide_id},Normal\n")
+                    f.write(f"{r.slide_id},{_reference_label(r, categories)}\n")
+    if camelyon:
+        with open(root / "lesions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(LESION_CSV_COLUMNS)
+            writer.writerows(lesion_rows)
     logger.info(
         "wrote %d synthetic slides of %dx%d px at %g um/px to %s in %.1f s",
         len(records),
@@ -319,3 +392,20 @@ def make_demo_data(
         time.perf_counter() - start,
     )
     return records
+
+
+def _reference_label(record: SlideRecord, categories: dict[str, str]) -> str:
+    """A reference.csv label: Normal, or Tumor,Macro / Tumor,Micro by the largest lesion's
+    category (Macro when unknown: the demo's big lesions)."""
+    if not record.label:
+        return "Normal"
+    return "Tumor,Macro" if categories.get(record.slide_id, "macro") == "macro" else "Tumor,Micro"
+
+
+def _lesion_row(slide: SyntheticSlide, slide_id: str, split: str, label: int, mpp: float) -> tuple:
+    """One row of lesions.csv (:data:`LESION_CSV_COLUMNS`) for a painted CamelyonSlide."""
+    lesions = getattr(slide, "lesions", [])
+    largest = max((lesion.diameter_mm for lesion in lesions), default=0.0)
+    area = int(slide.lesion.sum()) * (mpp / 1000) ** 2  # the painted union, mm^2
+    category = lesions[0].category if lesions else "none"
+    return (slide_id, split, label, len(lesions), f"{largest:.4f}", f"{area:.6f}", category)

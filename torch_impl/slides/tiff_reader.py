@@ -5,11 +5,17 @@ data, Aperio SVS) `TiffPyramid.read` finds the tiles that a region covers, reads
 with `os.pread` (no shared file position, so threads need no lock), decodes them (JPEG:
 imagecodecs' libjpeg-turbo, with the file's JPEGTables and the page's colour space, YCbCr for
 generic JPEG TIFFs and RGB for Aperio, into a buffer each thread reuses; other compressions:
-tifffile's per-page decoder) and copies each tile's part of the region into a (3, h, w)
-uint8 output, channels first. Decoders release the GIL, so tiles decode in parallel in a
-`ThreadPool`. The one cost beyond decoding is that copy, which turns the decoder's
-interleaved RGB into channel planes (about 1.2-1.8 ns per pixel on the machine this was
-written on).
+tifffile's per-page decoder) and copies each tile's part of the region into the output.
+Decoders release the GIL, so tiles decode in parallel in a `ThreadPool`.
+
+Memory layout: the (3, h, w) result is channels first by its shape, but its memory is the
+decoder's interleaved RGB, (h, w, 3) in C order: `read` returns `interleaved_chw(h, w)`, a
+transposed view (strides (1, 3 w, 3)). So the one copy beyond decoding, tile -> region, moves
+whole pixel rows (a memcpy per tile row) instead of splitting each pixel into three planes,
+which cost as much again as a fifth of the decoding. The conversion to channel planes
+happens where a copy is made anyway: `torch_impl.streaming.to_model_input` turns uint8 into
+float in one pass and writes a C-contiguous result. An `out` of any strides (e.g. a window of
+a C-contiguous (3, H, W) array) still works, through the slower splitting copy.
 
 Pixels equal OpenSlide's `read_region` on the same level (both decode with libjpeg-turbo; the
 tests check equality, 0 grey levels, on synthetic slides and on a real Aperio slide) except
@@ -132,6 +138,17 @@ def shared_pool(threads: int | None = None) -> ThreadPool:
         if threads not in _shared_pools:
             _shared_pools[threads] = ThreadPool(threads)
         return _shared_pools[threads]
+
+
+def interleaved_chw(h: int, w: int, channels: int = 3) -> np.ndarray:
+    """A new uncleared (channels, h, w) uint8 array whose memory is (h, w, channels) in C order.
+
+    The layout `TiffPyramid.read` and `Slide.read` return (module docstring): indexing is
+    channels first, as the lazy-source contract wants, while each pixel's channels stay
+    adjacent in memory, as decoders write them. `.transpose(1, 2, 0)` gives the C-contiguous
+    (h, w, channels) array back.
+    """
+    return np.empty((h, w, channels), dtype=np.uint8).transpose(2, 0, 1)
 
 
 def chunks(items: Sequence[T], n: int) -> list[Sequence[T]]:
@@ -319,11 +336,14 @@ class TiffPyramid:
         Pixels outside the level, and tiles missing from the file, are white (255).
 
         Args:
-            layout: "chw": (3, h, w), channels first (what `Slide.read` returns); "rgbx":
-                (h, w, 4), pixels packed in 4 bytes, the 4th unspecified (what the exact
-                fast resampler eats; JPEG tiles decode straight into it).
+            layout: "chw": (3, h, w), channels first (what `Slide.read` returns), by default
+                in interleaved memory (`interleaved_chw`: the fast layout, module
+                docstring); "rgbx": (h, w, 4), pixels packed in 4 bytes, the 4th unspecified
+                (what the exact fast resampler eats; JPEG tiles decode straight into it).
             out: optional array of that shape (any strides, e.g. a window of a larger
-                array) to fill instead of allocating one; it is returned.
+                array) to fill instead of allocating one; it is returned. A "chw" `out`
+                whose channels are not adjacent in memory (C-contiguous planes) is filled
+                correctly, by a slower copy that splits each pixel.
 
         Raises:
             TileError: a tile's bytes are missing (truncated file) or undecodable; the
@@ -336,7 +356,7 @@ class TiffPyramid:
             raise ValueError(f"layout must be 'chw' or 'rgbx', got {layout!r}")
         shape = (3, h, w) if layout == "chw" else (h, w, 4)
         if out is None:
-            out = np.empty(shape, dtype=np.uint8)
+            out = interleaved_chw(h, w) if layout == "chw" else np.empty(shape, dtype=np.uint8)
         elif out.shape != shape or out.dtype != np.uint8:
             raise ValueError(f"out must be a {shape} uint8 array, got {out.shape} {out.dtype}")
         y0, y1, x0, x1 = max(y, 0), min(y + h, lv.height), max(x, 0), min(x + w, lv.width)
@@ -350,35 +370,26 @@ class TiffPyramid:
             for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1)
             for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1)
         ]
-        rows, cols = slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)
-        inner = out[:, rows, cols] if layout == "chw" else out[rows, cols]  # the in-level part
+        pixels = out.transpose(1, 2, 0) if layout == "chw" else out  # (h, w, 3 or 4), a view
+        inner = pixels[y0 - y : y1 - y, x0 - x : x1 - x]  # the in-level part
 
         def paste(run: Iterable[tuple[int, int]]) -> None:
             for ty, tx in run:
-                self._paste_tile(level, lv, ty, tx, y0, x0, y1, x1, inner, layout == "rgbx")
+                self._paste_tile(level, lv, ty, tx, y0, x0, y1, x1, inner)
 
         self.pool.map(paste, chunks(tiles, self.pool.threads * _TASKS_PER_THREAD))
         return out
 
     def _paste_tile(
-        self,
-        level: int,
-        lv: TiffLevel,
-        ty: int,
-        tx: int,
-        y0: int,
-        x0: int,
-        y1: int,
-        x1: int,
-        inner: np.ndarray,
-        rgbx: bool,
+        self, level: int, lv: TiffLevel, ty: int, tx: int, y0: int, x0: int, y1: int, x1: int, inner: np.ndarray
     ) -> None:
-        """Decode tile (ty, tx) and copy its part of [y0, y1) x [x0, x1) into `inner`."""
+        """Decode tile (ty, tx) and copy its part of [y0, y1) x [x0, x1) into `inner`, the
+        (y1 - y0, x1 - x0, 3 or 4) view of the output (4: RGBX, the 4th byte unspecified)."""
         ty0, tx0 = ty * lv.tile_h, tx * lv.tile_w  # tile origin in level pixels
         a, b = max(y0, ty0), min(y1, ty0 + lv.tile_h)  # rows of the region in this tile
         c, d = max(x0, tx0), min(x1, tx0 + lv.tile_w)
-        dst = inner[a - y0 : b - y0, c - x0 : d - x0] if rgbx else inner[:, a - y0 : b - y0, c - x0 : d - x0]
-        tile = self._decode_tile(level, lv, ty, tx, rgbx)  # (th', tw', 3 or 4) or None
+        dst = inner[a - y0 : b - y0, c - x0 : d - x0]
+        tile = self._decode_tile(level, lv, ty, tx, rgbx=dst.shape[2] == 4)  # (th', tw', 3 or 4) or None
         if tile is None:
             dst.fill(255)
             return
@@ -389,13 +400,10 @@ class TiffPyramid:
                 f"tile the region needs (corrupt file?)"
             )
         part = tile[a - ty0 : b - ty0, c - tx0 : d - tx0]
-        if not rgbx:
-            dst[...] = part.transpose(2, 0, 1)  # HWC -> CHW while copying: the one copy
-        elif part.shape[2] == 4:
-            dst[...] = part  # whole pixel rows
-        else:  # an RGB decoder (not JPEG): byte-strided copies, slower but rare
-            for ch in range(3):
-                dst[..., ch] = part[..., ch]
+        if part.shape[2] == dst.shape[2]:
+            dst[...] = part  # the one copy: whole pixel rows when `dst` is interleaved
+        else:  # an RGB decoder (not JPEG) into RGBX: byte-strided, slower but rare
+            dst[..., :3] = part
 
     def _decode_tile(self, level: int, lv: TiffLevel, ty: int, tx: int, rgbx: bool = False) -> np.ndarray | None:
         """(tile_h, tile_w, 3) uint8 pixels of tile (ty, tx), or (tile_h, tile_w, 4) RGBX

@@ -13,7 +13,9 @@ break raises :class:`LazySourceError`, naming the source and, for a tile, its re
 
 * ``.shape`` is (C, H, W): three positive ints, channels first;
 * a read returns a NumPy array or a torch tensor (on any device) of shape (C, h, w),
-  exactly the requested region;
+  exactly the requested region, in any strides (e.g. a channels-first view of interleaved
+  (h, w, C) memory, as slide readers return: it is used without a copy until
+  :func:`to_model_input`, whose one conversion pass writes contiguous channel planes);
 * of dtype uint8 (0-255, scaled by 1/255) or float16/32/64 with values in [0, 1]; any other
   dtype (uint16, int16, bool, bfloat16, ...) is refused, as the engine cannot know its scale;
 * a source that declares ``.dtype`` (a NumPy dtype) returns tiles of that dtype.
@@ -56,6 +58,7 @@ __all__ = [
     "LazySourceError",
     "TensorSource",
     "as_source",
+    "host_tensor",
     "pinned",
     "prefetched",
     "to_device",
@@ -93,40 +96,86 @@ def to_model_input(
     normalisation; otherwise they have one entry per channel. Runs on whatever device
     ``pixels`` is on (the streaming engine calls it per tile on the GPU).
 
+    ``pixels`` may have any strides (e.g. channels-last memory from a slide reader); the
+    result is C-contiguous (..., C, h, w): the conversion to ``dtype`` is the one pass that
+    reorders memory, and the scaling and normalisation then run in place on the new tensor.
+    The values do not depend on the input's strides (element-wise operations only).
+
     Raises:
         TypeError: pixels neither uint8 nor floating point.
         ValueError: ``mean``/``std`` do not have one entry per channel.
     """
     if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
         raise TypeError(f"to_model_input takes uint8 or floating-point pixels, got {pixels.dtype}")
-    x = pixels.to(dtype)
-    if pixels.dtype == torch.uint8:
-        x = x / 255.0
-    if mean is not None and std is not None:
+    normalise = mean is not None and std is not None
+    if normalise:
         channels = pixels.shape[-3] if pixels.dim() >= 3 else None
         if not len(mean) == len(std) == channels:
             raise ValueError(
                 f"pixels have {channels} channels but mean and std have {len(mean)} and {len(std)} "
                 "entries: give one per channel, or None to skip the normalisation"
             )
+    x = pixels.to(dtype, memory_format=torch.contiguous_format)
+    if not x.is_contiguous():  # `to` returns a tensor of the right dtype as is where it deems its layout ambiguous
+        x = x.contiguous()
+    # in place only on a tensor made here: a float input of the right dtype and layout comes
+    # back as itself, and must not change
+    fresh = x.untyped_storage().data_ptr() != pixels.untyped_storage().data_ptr()
+    if pixels.dtype == torch.uint8:
+        x = x.div_(255.0)
+    if normalise:
         shape = (-1, 1, 1)  # per channel, broadcast over (h, w)
-        x = (x - torch.as_tensor(mean, dtype=dtype, device=x.device).view(shape)) / torch.as_tensor(
-            std, dtype=dtype, device=x.device
-        ).view(shape)
+        m = torch.as_tensor(mean, dtype=dtype, device=x.device).view(shape)
+        s = torch.as_tensor(std, dtype=dtype, device=x.device).view(shape)
+        x = x.sub_(m).div_(s) if fresh else (x - m) / s
     return x
 
 
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor of a NumPy array, sharing its memory and strides where torch can (any
+    non-negative strides: a window or a transposed view is not copied); otherwise a copy:
+    C-contiguous for negative strides (a flipped view), in the array's own memory order for
+    a read-only array (a read-only memory map; torch has no read-only tensors)."""
+    if not array.flags.writeable:
+        return torch.from_numpy(np.array(array, order="K"))
+    try:
+        return torch.from_numpy(array)
+    except ValueError:  # negative or unaligned strides
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _dense_empty_like(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """An uninitialised dense tensor of ``tensor``'s shape and dtype whose dimensions lie in
+    memory in the order of ``tensor``'s strides (a channels-last view gets channels-last
+    memory, without the gaps of a window), so that copying into it moves whole rows."""
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))  # outermost first
+    base = torch.empty([tensor.shape[d] for d in order], dtype=tensor.dtype, pin_memory=pin_memory)
+    return base.permute([order.index(d) for d in range(tensor.dim())])
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """The tensor's elements fill its memory without gaps or overlaps (in some dimension order)."""
+    dims = sorted((st, n) for n, st in zip(tensor.shape, tensor.stride(), strict=True) if n != 1)  # innermost first
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def pinned(tensor: torch.Tensor) -> torch.Tensor:
-    """A host ``tensor`` in page-locked memory, contiguous, when CUDA is present (so that its
-    copy to the GPU can be non-blocking); a copy unless it already is. Without CUDA, ``tensor``.
+    """A host ``tensor`` in page-locked memory, dense, when CUDA is present (so that its copy
+    to the GPU can be non-blocking and one block); a copy unless it already is. Without CUDA,
+    ``tensor``. The copy keeps the order of the dimensions in memory (:func:`_dense_empty_like`),
+    so a channels-last tile is copied row by row and stays channels last.
 
     The pinned block comes from torch's caching host allocator, which keeps it from being
     reused until every copy out of it has finished.
     """
-    if not torch.cuda.is_available() or (tensor.is_pinned() and tensor.is_contiguous()):
+    if not torch.cuda.is_available() or (tensor.is_pinned() and _is_dense(tensor)):
         return tensor
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return out.copy_(tensor)
+    return _dense_empty_like(tensor, pin_memory=True).copy_(tensor)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -236,14 +285,14 @@ class LazySource:
             else:
                 pixels = self.source[:, rows, cols]
         pixels = self._checked(pixels, region)
-        tensor = (pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels))[None]  # (1, C, h, w)
+        tensor = (pixels if isinstance(pixels, torch.Tensor) else host_tensor(pixels))[None]  # (1, C, h, w)
         if tensor.device.type == "cpu":
             tensor = pinned(tensor)  # lets the copy to the GPU overlap compute
         return tensor
 
     def _checked(self, pixels: Any, region: tuple[int, int, int, int]) -> np.ndarray | torch.Tensor:
-        """One read's ``pixels``, as a tensor or a C-contiguous array; LazySourceError if they
-        break the contract. The [0, 1] range of floats is checked on the host only (module docstring)."""
+        """One read's ``pixels``, as a tensor or an array (its strides kept); LazySourceError if
+        they break the contract. The [0, 1] range of floats is checked on the host only (module docstring)."""
         where = f"{self.name}, region (y, x, h, w) = {region}"
         want = (self.channels, *region[2:])
         if pixels is None:
@@ -252,7 +301,7 @@ class LazySource:
             # the engine copies before use (to_model_input or StreamingTrunk._prepare)
             tile, dtype, dtype_name = pixels, _TORCH_PIXELS.get(pixels.dtype), str(pixels.dtype)
         else:
-            tile = np.ascontiguousarray(pixels)  # may still be the source's memory: the engine copies before use
+            tile = np.asarray(pixels)  # may still be the source's memory: the engine copies before use
             dtype, dtype_name = tile.dtype, str(tile.dtype)
         shape = tuple(tile.shape)
         if shape != want:
