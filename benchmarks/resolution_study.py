@@ -1,19 +1,24 @@
 """Does end-to-end training at higher resolution find smaller metastases? Test AUC against um/px.
 
     python benchmarks/resolution_study.py [--out DIR] [--data DIR] [--resolutions 8 4 2 1]
-        [--seeds 0 1 2] [--width 16] [--epochs 20] [--head-only-epochs 10] [--quick] [--device DEV]
+        [--seeds 0 1] [--width 16] [--epochs 10] [--head-only-epochs 5] [--jobs 2]
+        [--quick] [--device DEV]            (--help lists the rest: data, recipe, selection)
 
-1. A synthetic CAMELYON16 under ``DIR/data`` (made once, reused after): the harder set
-   (``make_demo_data(..., difficulty="camelyon")``: small lesions of known size, listed in
-   ``lesions.csv``) where the installed generator offers it, else today's demo set.
+1. A synthetic CAMELYON16 under ``DIR/data`` (made once, reused after): by default the
+   harder set, ``make_demo_data(..., difficulty="camelyon")`` (small lesions whose cue is
+   the nuclei's size and texture, with their sizes and category in ``lesions.csv``), its
+   preset counts (24 + 16 training, 12 + 8 test slides) on 2 mm slides stored at 0.5 um/px
+   (the set is painted at 0.5 um/px: finer level-0 pixels would only upsample it).
 2. For every working resolution (um/px) and seed, two runs of the same recipe (the demo's:
    a narrow ResNet-34 with random initialisation and data-calibrated batch norms, a CLAM
    head; :func:`train_config`), trained by the pipeline's own ``train``:
      * ``end_to_end``: head only for ``head_only_epochs``, then the whole network;
      * ``head_only``: the trunk frozen throughout (head_only_epochs = epochs): the baseline
        that is not end to end (a CLAM head on fixed random features).
-3. Each run's selected checkpoint (:data:`SELECT_CHOICES`) is evaluated on the test slides
-   by the pipeline's own ``evaluate_run`` (whole slides, deterministic), then:
+3. Each run's ``best.pt`` (``select_by`` = ``--select``, default the lowest validation loss,
+   among the epochs after the head-only phase: ``select_after_epoch = head_only_epochs``
+   for both methods) is evaluated on the test slides by the pipeline's own
+   ``evaluate_run`` (whole slides, deterministic), then:
      * test AUC and its stratified bootstrap 95% interval (``bootstrap_auc_ci``);
      * attention AUC: for each annotated tumour test slide, the AUC of attention separating
        lesion cells from other tissue cells (the heatmap's definition:
@@ -26,7 +31,7 @@
    seeds, attention AUC, AUC by category; the machine, torch version, date and wall time)
    and ``DIR/auc_vs_resolution.png``, each written atomically. Run folders are
    ``DIR/runs/<method>_<mpp>um_seed<seed>/{train,eval}``; a finished run is reused, an
-   interrupted one resumed.
+   interrupted one resumed (a different recipe needs a new ``--out``).
 
 The pooled interval: the predictions of all seeds of one method and resolution are put
 together (each test slide once per seed) and ``bootstrap_auc_ci`` resamples them, tumour
@@ -34,9 +39,29 @@ and normal separately. It describes "a model of this recipe on a test slide"; si
 same slides repeat across seeds it is narrower than a slide-level interval would be (by up
 to sqrt(seeds) when the seeds agree). Every run's own interval is in results.csv.
 
+Cost (2-core CPU VM shared with other jobs, load 3-6, one torch thread per run, width 16;
+20 epochs of 18 slides + 5 validation slides, 2 mm slides): 4 um/px 130 s head only and
+260 s end to end, 1 um/px 1080 s and 1110 s; a phase-2 slide step at 1 um/px (crops
+~1650 px) took ~3.5 s, a phase-1 step ~1.5 s. The defaults (preset counts, 10 epochs, two
+seeds, two runs at a time, finest first) are sized from these to about 45 minutes on an
+idle 2-core machine, data (~5 s a slide) included. ``--quick`` (1 mm slides, 4 and
+1 um/px, width 8, one seed) took 2 minutes there.
+
+Findings so far (exploratory runs, one seed, 20 test slides; AUC intervals +-0.25):
+  * With the demo's trunk learning rate (lr x 0.1) the runs of the harder set collapsed at
+    the switch to end-to-end training (training loss 0.55 -> 0.95, then constant
+    predictions at chance; at 2 and 1 um/px). With x 0.01 they did not (test AUC 0.68 at
+    2 um/px against 0.27): the default here is 0.01, for both methods alike.
+  * The random trunk's features do not tell lesion cells from normal tissue cells at 1 or
+    2 um/px (a linear probe on held-out slides: cell AUC 0.36-0.63), but start to at
+    0.5 um/px (0.66-0.83): on this set the frozen-trunk baseline needs 0.5 um/px, and the
+    end-to-end runs must learn the cue from 16 tumour slides in a few epochs, which a CPU
+    budget hardly allows. The effect the study looks for is expected at <= 1 um/px with
+    more epochs and slides, i.e. on a GPU.
+
 Notebooks call :func:`run_study` (``quick=True`` for a few minutes on a CPU); it returns the
 rows of results.csv as a list of dicts. On a GPU the same script scales up by its options
-(``--device cuda --width 64 --resolutions 4 2 1 0.5 ...``).
+(``--device cuda --width 64 --resolutions 4 2 1 0.5 --epochs 30 --head-only-epochs 10 ...``).
 """
 
 from __future__ import annotations
@@ -44,7 +69,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import inspect
 import json
 import logging
 import math
@@ -80,6 +104,7 @@ from torch_impl.pipeline.runtime import atomic_write  # noqa: E402
 from torch_impl.pipeline.selection import SELECT_RULES  # noqa: E402
 from torch_impl.pipeline.train import train  # noqa: E402
 from torch_impl.slides import Slide, SlideRecord, discover, make_demo_data, read_lesions  # noqa: E402
+from torch_impl.slides.synthetic import DIFFICULTIES  # noqa: E402
 
 logger = logging.getLogger("resolution_study")
 
@@ -142,6 +167,7 @@ class StudyConfig:
     val_fraction: float = 0.25
     select: str = "val_loss"  # SELECT_CHOICES
     data_counts: tuple[int, int, int, int] | None = None
+    difficulty: str = "camelyon"  # make_demo_data's data set: "camelyon" (the harder set) or "demo"
     slide_size: int | None = 4096  # with slide_mpp: 2 mm slides, the harder preset's area
     slide_mpp: float | None = 0.5  # the harder set paints at 0.5 um/px: finer level-0 pixels add nothing
     data_seed: int = 0
@@ -167,6 +193,8 @@ class StudyConfig:
             problems.append(f"--select must be one of {list(SELECT_CHOICES)}, got {self.select!r}")
         if self.data_counts is not None and (len(self.data_counts) != 4 or min(self.data_counts) < 0):
             problems.append(f"--data-counts takes four counts >= 0, got {list(self.data_counts)}")
+        if self.difficulty not in DIFFICULTIES:
+            problems.append(f"--difficulty must be one of {list(DIFFICULTIES)}, got {self.difficulty!r}")
         if self.pool not in (None, "max", "avg"):
             problems.append(f"--pool must be none, max or avg, got {self.pool!r}")
         if self.threads < 1:
@@ -201,11 +229,6 @@ def _has_data(root: Path) -> bool:
         return False
 
 
-def harder_data_available() -> bool:
-    """Whether the installed ``make_demo_data`` offers ``difficulty="camelyon"``."""
-    return "difficulty" in inspect.signature(make_demo_data).parameters
-
-
 def ensure_data(config: StudyConfig) -> Path:
     """The data folder, written first if it holds no data set (module docstring, step 1)."""
     root = config.data_dir if config.data_dir is not None else config.out_dir / "data"
@@ -221,10 +244,7 @@ def ensure_data(config: StudyConfig) -> Path:
         kwargs["size"] = (config.slide_size, config.slide_size)
     if config.slide_mpp is not None:
         kwargs["mpp"] = config.slide_mpp
-    if harder_data_available():
-        kwargs["difficulty"] = "camelyon"
-    else:
-        logger.warning("make_demo_data has no difficulty='camelyon' yet: the study uses the demo's (easy) data set")
+    kwargs["difficulty"] = config.difficulty
     logger.info("writing the synthetic data set to %s (%s)", root, kwargs)
     make_demo_data(root, **kwargs)
     return root
@@ -684,6 +704,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("NORMAL", "TUMOR", "TEST_NORMAL", "TEST_TUMOR"),
         help="slides of a new data set (default: the generator's preset)",
     )
+    p.add_argument("--difficulty", choices=tuple(DIFFICULTIES), help=f"a new data set's kind (default {d.difficulty})")
     p.add_argument("--slide-size", type=int, help="level-0 side of a new data set's slides, px (default: preset)")
     p.add_argument("--slide-mpp", type=float, help="level-0 um/px of a new data set's slides (default: preset)")
     p.add_argument("--data-seed", type=int, help=f"seed of a new data set (default {d.data_seed})")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from torch_impl.pipeline.heatmap import write_heatmap
 from torch_impl.pipeline.predict import load_prediction
-from torch_impl.slides import discover, make_demo_data
+from torch_impl.slides import Slide, discover, make_demo_data
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -229,6 +229,9 @@ def test_data_is_made_once_and_never_into_a_foreign_folder(tmp_path):
     assert root == tmp_path / "out" / "data"
     records = discover(root)
     assert sorted((r.split, r.label) for r in records) == [("test", 0), ("test", 1), ("train", 0), ("train", 1)]
+    assert set(study.read_lesion_table(root)) == {r.slide_id for r in records}  # the harder set's lesions.csv
+    with Slide(records[0].path) as slide:
+        assert slide.mpp_level0 == pytest.approx((0.5, 0.5)) and slide.shape[1:] == (512, 512)
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.tif")}
     assert study.ensure_data(config) == root  # reused, not rewritten
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.tif")} == stamps
@@ -268,6 +271,7 @@ def test_parallel_runs_give_the_same_rows(study_run, tmp_path):
         ({"methods": ("frozen",)}, "--methods"),
         ({"select": "best"}, "--select"),
         ({"jobs": 0}, "--jobs"),
+        ({"difficulty": "hard"}, "--difficulty"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, changes, message):
