@@ -47,6 +47,13 @@ __all__ = ["TABLE_MIN_PIXELS", "DeviceAugmentedView", "augmented_crop"]
 TABLE_MIN_PIXELS = 2**20
 
 
+def _use_table(colour_table: bool | None, shape: tuple[int, int, int]) -> bool:
+    """Whether a view of (C, H, W) ``shape`` jitters through a colour table: ``colour_table``
+    when given, else for at least :data:`TABLE_MIN_PIXELS` pixels."""
+    _, H, W = shape
+    return colour_table if colour_table is not None else H * W >= TABLE_MIN_PIXELS
+
+
 class DeviceAugmentedView(AugmentedView):
     """An :class:`~torch_impl.slides.augment.AugmentedView` whose ``read`` computes on ``device``.
 
@@ -88,9 +95,7 @@ class DeviceAugmentedView(AugmentedView):
         self.device = device
         self.jitter: ColourJitter | None = None  # the colour jitter, None without one
         if any(self.params.hsv_shift):
-            _, H, W = self.shape
-            table = colour_table if colour_table is not None else H * W >= TABLE_MIN_PIXELS
-            self.jitter = ColourJitter(self.params.hsv_shift, device, table)
+            self.jitter = ColourJitter(self.params.hsv_shift, device, _use_table(colour_table, self.shape))
 
     def transform_tensor(self, block: torch.Tensor) -> torch.Tensor:
         """Apply the flips and rotations (not the colour) to the last two axes of ``block``."""
@@ -159,8 +164,7 @@ def augmented_crop(
     Raises:
         ValueError, TypeError: as :meth:`CropCache.open` and :class:`DeviceAugmentedView` do.
     """
-    _, H, W = source.shape
-    table = colour_table if colour_table is not None else H * W >= TABLE_MIN_PIXELS
+    table = _use_table(colour_table, source.shape)
     # the slide's jitter, made for the buffer's device (ColourJitter(hsv_shift, buffer_device, table=table))
     jitter_at_fill = partial(ColourJitter, params.hsv_shift, table=table) if any(params.hsv_shift) else None
     with CropCache.open(source, mode, device, make_pixel_transform=jitter_at_fill, **cache_options) as crop:
