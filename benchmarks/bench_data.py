@@ -247,6 +247,7 @@ class Counting:
     shape = property(lambda self: self.source.shape)
     dtype = property(lambda self: self.source.dtype)
     tile_rows = property(lambda self: self.source.tile_rows)  # CropCache aligns its bands to them
+    tile_cols = property(lambda self: self.source.tile_cols)  # (to these when the crop is turned)
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         with self._lock:

@@ -123,8 +123,9 @@ def test_cuda_device_view_reads_equal_the_cpu_reads(colour_table):
 
 
 def test_cuda_crop_cache_on_the_device_equals_host_memory():
-    """A CropCache on the GPU == one in host memory, plain and with the colour jitter applied at
-    fill (augmented_crop: on the GPU through the whole colour table, on the host filled on demand)."""
+    """A CropCache on the GPU == one in host memory, plain and augmented (augmented_crop: flipped,
+    turned and jittered on the GPU through the whole colour table; on the host by colour codes,
+    the table filled on demand); in mode none the tiles are augmented on the GPU as they are read."""
     image = interleaved_image(257, 190, seed=1)
     regions = [(0, 0, 257, 190), (-5, 20, 100, 300), (200, 3, 57, 60)]
     with (
@@ -134,14 +135,17 @@ def test_cuda_crop_cache_on_the_device_equals_host_memory():
         assert device.device.type == "cuda" and host.device.type == "cpu"
         for region in regions:
             assert torch.equal(device.read(*region).cpu(), host.read(*region)), region
-    for table in (True, False):
-        with (
-            augmented_crop(ArrayImage(image), AUGMENT, "cuda", "device", table, band_bytes=40 * 3 * 190) as gpu,
-            augmented_crop(ArrayImage(image), AUGMENT, "cpu", "host", table, band_bytes=40 * 3 * 190) as cpu,
-        ):
-            assert gpu.source.pixel_transform is not None and gpu.jitter is None
-            for region in regions:
-                assert torch.equal(gpu.read(*region).cpu(), cpu.read(*region)), (table, region)
+    for params in (AUGMENT, AugmentParams(flip_h=True, rot90_k=3), AugmentParams(hsv_shift=SHIFT)):
+        for mode in ("device", "none"):  # the augmented crop on the GPU, and augmented tile by tile there
+            with (
+                augmented_crop(ArrayImage(image), params, "cuda", mode, band_bytes=40 * 3 * 190) as gpu,
+                augmented_crop(ArrayImage(image), params, "cpu", "host", band_bytes=40 * 3 * 190) as cpu,
+            ):
+                assert gpu.jitter is None or gpu.jitter.device.type == "cuda"
+                for region in regions:
+                    tile = gpu.read(*region)
+                    assert tile.device.type == "cuda"
+                    assert torch.equal(tile.cpu(), cpu.read(*region)), (params, mode, region)
 
 
 def test_cuda_interleaved_tiles_become_the_cpu_model_input():

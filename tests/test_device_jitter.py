@@ -24,9 +24,10 @@ from torch_impl.slides.slide import ArrayImage
 
 
 def every_colour() -> np.ndarray:
-    """(3, 4096, 4096) uint8: all 2^24 RGB colours once."""
+    """(3, 4096, 4096) uint8: all 2^24 RGB colours once, pixel k (in C order) the colour of
+    code k = r + 256 g + 65536 b (the colour table's order)."""
     codes = np.arange(2**24, dtype=np.uint32)
-    rgb = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255]).astype(np.uint8)
+    rgb = np.stack([codes & 255, (codes >> 8) & 255, codes >> 16]).astype(np.uint8)
     return rgb.reshape(3, 4096, 4096)
 
 
@@ -148,7 +149,7 @@ def test_the_table_is_filled_with_the_colours_seen_and_only_those(table_and_shif
         got = jitter(tile)
         np.testing.assert_array_equal(got.numpy(), jitter_hsv(tile.numpy(), shift))
         codes = tile.numpy().astype(np.int64).reshape(3, -1)
-        seen |= set((codes[0] << 16 | codes[1] << 8 | codes[2]).tolist())
+        seen |= set((codes[0] | codes[1] << 8 | codes[2] << 16).tolist())
         filled = torch.nonzero(jitter.table).squeeze(1)
         assert set(filled.tolist()) == seen
         assert torch.equal(jitter.table[filled], full[filled])
@@ -170,9 +171,24 @@ def test_concurrent_calls_share_one_table_and_agree(monkeypatch):
         np.testing.assert_array_equal(got.numpy(), jitter_hsv(tile.numpy(), shift))
     filled = torch.nonzero(jitter.table).squeeze(1)
     codes = filled.to(torch.int32)
-    rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255]).to(torch.uint8)
+    rgb = torch.stack([codes & 255, (codes >> 8) & 255, codes >> 16]).to(torch.uint8)
     entries = jitter.table[filled].view(torch.uint8).view(-1, 4)[:, :3].T.numpy()
     np.testing.assert_array_equal(entries, jitter_hsv(rgb.numpy()[:, None], shift)[:, 0])
+
+
+@pytest.mark.parametrize("chunk", [5, 2**18])
+def test_entries_of_colour_codes_are_the_complete_tables(table_and_shift, chunk, monkeypatch):
+    """ColourJitter.entries (what the crop cache gathers by): for codes r + 256 g + 65536 b,
+    repeated and in any order, the complete table's entries, written into ``out`` if given."""
+    monkeypatch.setattr(device_jitter, "LOOKUP_CHUNK_PIXELS", chunk)
+    full, shift = table_and_shift
+    codes = torch.from_numpy(np.random.default_rng(6).integers(0, 2**24, 40, dtype=np.int32)).repeat(3)
+    jitter = ColourJitter(shift)
+    assert torch.equal(jitter.entries(codes), full[codes.long()])
+    out = torch.zeros(codes.shape, dtype=torch.int32)
+    assert jitter.entries(codes, out=out) is out and torch.equal(out, full[codes.long()])
+    with pytest.raises(ValueError, match="no table"):
+        ColourJitter(shift, table=False).entries(codes)
 
 
 def test_bad_tiles_are_refused():

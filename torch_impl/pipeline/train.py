@@ -240,9 +240,9 @@ def _train_slide(
         )
         try:
             # the crop is decoded once for the forward and the backward pass (config.slide_cache)
-            # and colour-jittered once per pixel as it is filled; flips and quarter turns run on
-            # each tile on the device (with mode none, the jitter too); equal to the NumPy `view`
-            # bit for bit on the CPU (tests/test_device_view.py)
+            # and flipped, turned and colour-jittered once per pixel as it is filled, on the
+            # cache's device (with mode none, tile by tile); equal to the NumPy `view` bit for bit
+            # on the CPU (tests/test_device_view.py)
             with (
                 augmented_crop(slide.source, aug, device, config.slide_cache) as augmented,
                 torch.random.fork_rng(devices=devices),

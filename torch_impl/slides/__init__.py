@@ -13,7 +13,8 @@ Imports neither the models nor the pipeline: a slide becomes what a model eats (
     augment.py     flips, quarter turns and HSV jitter as a lazy view (the NumPy reference)
     device_jitter.py  the HSV jitter in torch, for tiles on the device
     device_view.py    DeviceAugmentedView: the augmentation in torch, tile by tile on the device
-    crop_cache.py     CropCache: a crop decoded once per step (device memory, host memory or none)
+    band_augment.py   the augmentation written into interleaved rows (what the crop cache stores)
+    crop_cache.py     CropCache: a crop decoded and augmented once per step (device, host or none)
     inputs.py      slide file -> lazy tissue crop + tissue mask on the feature grid
     samples.py     the shipped CC0 H&E sample slide (tests and tutorials)
 """

@@ -1,4 +1,4 @@
-"""Decode a slide's crop once per training step: a uint8 cache on the device, in host memory, or none.
+"""Decode a slide's crop once per training step, augmented: a uint8 cache on the device, in host memory, or none.
 
 The forward and the backward pass of a streamed step read the same pixels, and neighbouring
 tiles share their halos, so reading every tile from the file decodes most pixels two or
@@ -6,14 +6,15 @@ three times. A :class:`CropCache` decodes the crop once, in row bands of full wi
 through the source's ``read`` (a multi-threaded reader decodes each band in parallel), into
 one uint8 buffer, and answers every tile read with a slice of it:
 
-    with CropCache.open(slide_input.source, mode="auto", device=device) as crop:
-        model(DeviceAugmentedView(crop, params, device), mask, label)   # forward + backward
+    with CropCache.open(slide_input.source, mode="auto", device=device, augment=params) as crop:
+        model(crop, mask, label)   # forward + backward
 
 Filling. A background thread starts at :meth:`CropCache.open` and fills the buffer band by
-band from the top (bands of about ``band_bytes``; for a source with ``tile_rows``, a
-:class:`~torch_impl.slides.slide.Slide` or a view of one, bands start and end on the file's
-tile rows, so every stored tile is decoded once: a band edge inside a tile row would decode
-that row in both bands), the order in which the forward pass's tile plan runs, so decoding
+band from the top (bands of about ``band_bytes``; for a source with ``tile_rows`` and
+``tile_cols``, a :class:`~torch_impl.slides.slide.Slide` or a view of one, bands start and end
+on the file's tile rows, or on its tile columns where a quarter turn makes them the crop's
+rows, so every stored tile is decoded once: a band edge inside a tile row would decode that
+row in both bands), the order in which the forward pass's tile plan runs, so decoding
 overlaps the forward pass's compute. A read needs only the bands it covers: one not there
 yet is decoded by the reading thread itself (a vertically flipped view starts at the last
 bands), and each band is decoded once, by whichever thread needs it first. A device buffer
@@ -39,15 +40,17 @@ Tiers (``mode``):
 The choice and its reason are logged (DEBUG when the first tier asked for is used, INFO when
 ``auto`` falls back).
 
-Pixel transform. ``make_pixel_transform`` (optional) is called once, with the buffer's
-device, and returns a pointwise map of (3, h, w) uint8 pixels (each output pixel a function
-of the same input pixel alone, e.g. one slide's colour jitter,
-:class:`~torch_impl.slides.device_jitter.ColourJitter`); every band is mapped as it is filled,
-on the buffer's device, so each crop pixel is transformed once, however often the tiles over it
-are read, and reads answer the transformed crop. Being pointwise, the band-wise map equals the
-map of each tile, and commutes with flips and quarter turns. In mode ``"none"`` there is no
-buffer and nothing is mapped (``pixel_transform`` is None): reads return the source's pixels,
-and the caller applies the map per tile.
+Augmentation. With ``augment`` (an :class:`~torch_impl.slides.augment.AugmentParams`) the
+cache is the crop seen through it, exactly as :class:`~torch_impl.slides.augment.AugmentedView`
+(the NumPy reference) sees it, bit for bit: ``shape`` is the augmented one, and each band of
+the augmented crop is read from the original (its ``source_region``: rows, or columns when
+turned) and written flipped, turned and colour-jittered into the buffer once, as it is filled
+(:func:`~torch_impl.slides.band_augment.augment_into`, on the buffer's device: on a GPU the
+host only decodes). Every tile read is then a plain slice of the buffer, however often the
+forward and the backward pass read it. In mode ``"none"`` each tile read is augmented the same
+way on ``device``, from the original region under it. The jitter goes through the slide's
+colour table (:class:`~torch_impl.slides.device_jitter.ColourJitter`: on the CPU filled on
+demand, on a GPU built whole).
 
 Layout. The buffer is interleaved, (H, W, 3) in memory, as slide readers return their
 (3, h, w) pixels (:func:`~torch_impl.slides.tiff_reader.interleaved_chw`): a band is copied in
@@ -71,20 +74,21 @@ import os
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ..streaming.sources import host_tensor, to_device
+from ..streaming.sources import host_tensor
+from .augment import AugmentedView, AugmentParams
+from .band_augment import Dihedral, augment_into
+from .device_jitter import ColourJitter
 from .slide import ImageSource, check_region, read_clipped
 
 __all__ = [
     "MODES",
     "CropCache",
-    "PixelTransform",
     "available_host_memory",
     "choose_mode",
     "free_device_memory",
@@ -102,9 +106,6 @@ DEFAULT_FRACTION = 0.5
 DEFAULT_BAND_BYTES = 64 * 2**20
 
 _GIB = 2.0**30
-
-#: A pointwise map of (3, h, w) uint8 pixels to (3, h, w) uint8 pixels on the same device.
-PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def free_device_memory(device: torch.device | str) -> int:
@@ -177,18 +178,19 @@ class CropCache:
     """A lazy (3, H, W) uint8 source held whole, once decoded (module docstring).
 
     Itself a lazy source: ``shape``, ``dtype`` and ``read(y, x, h, w)``, which returns a
-    (3, h, w) uint8 tensor: a view of the buffer (no copy, channels interleaved in memory;
-    do not write into it) on the buffer's device for regions inside the crop, a
-    white-padded copy for regions crossing its border, and the source's own pixels (host)
-    in mode ``"none"``. ``read`` is thread-safe. Make one with :meth:`open`; free it with
-    :meth:`close` or ``with``.
+    (3, h, w) uint8 tensor of the (augmented) crop: a view of the buffer (no copy,
+    channels interleaved in memory; do not write into it) on the buffer's device for regions
+    inside the crop, a white-padded copy for regions crossing its border; in mode ``"none"``
+    the source's own pixels (host), or, augmented, a new tile on ``device``. ``read`` is
+    thread-safe. Make one with :meth:`open`; free it with :meth:`close` or ``with``.
 
     Attributes:
         mode: ``"device"``, ``"host"`` or ``"none"``, the tier chosen.
         reason: why, in words (also logged).
         nbytes: bytes of the buffer (0 in mode ``"none"``).
-        pixel_transform: the map applied to every band as it is filled (module docstring);
-            None without one, and always in mode ``"none"``.
+        augment: the augmentation the crop is seen through (module docstring); the identity
+            without one.
+        jitter: the slide's colour jitter, on the device it runs on; None without one.
     """
 
     def __init__(
@@ -198,13 +200,19 @@ class CropCache:
         reason: str,
         device: torch.device,
         band_rows: int,
-        make_pixel_transform: Callable[[torch.device], PixelTransform] | None = None,
+        augment: AugmentParams | None = None,
     ):
         self.source, self.mode, self.reason = source, mode, reason
-        C, H, W = (int(n) for n in source.shape)
+        self.augment = augment if augment is not None else AugmentParams()
+        self._frame = AugmentedView(source, self.augment)  # the augmented frame's shape and regions
+        self._geometry = Dihedral.of(self.augment)
+        C, H, W = (int(n) for n in self._frame.shape)
+        if not self.augment.is_identity and C != 3:
+            raise ValueError(f"CropCache augments RGB pixels, but {source!r} has {C} channels")
         self._shape = (C, H, W)
+        self._device = device
         self._buffer: torch.Tensor | None = None  # (H, W, C): interleaved (module docstring)
-        period, phase = getattr(source, "tile_rows", None) or (1, 0)
+        period, phase = self._row_grid()
         band_rows = -(-band_rows // period) * period  # whole tile rows
         starts = ([0] if phase else []) + list(range(phase, H, band_rows))  # tile-row edges from `phase` on
         self._starts = starts
@@ -215,16 +223,30 @@ class CropCache:
         self._closing = threading.Event()
         self._filler: threading.Thread | None = None
         self._stream: torch.cuda.Stream | None = None  # band copies to a GPU
-        self.pixel_transform: PixelTransform | None = None
         if mode != "none":
             self._buffer = torch.empty((H, W, C), dtype=torch.uint8, device=device if mode == "device" else "cpu")
-            if make_pixel_transform is not None:
-                self.pixel_transform = make_pixel_transform(self._buffer.device)
+        work_device = self._buffer.device if self._buffer is not None else device  # where pixels are augmented
+        self.jitter = ColourJitter(self.augment.hsv_shift, work_device) if any(self.augment.hsv_shift) else None
+        if self._buffer is not None:
             if self._buffer.device.type == "cuda":
                 self._stream = torch.cuda.Stream(self._buffer.device)
                 self._stream.wait_stream(torch.cuda.current_stream(self._buffer.device))  # after the allocation
             self._filler = threading.Thread(target=self._fill, name="crop-cache-fill", daemon=True)
             self._filler.start()
+
+    def _row_grid(self) -> tuple[int, int]:
+        """(period, phase): the file's tile edges along the rows of the (augmented) crop, at rows
+        y = phase (mod period): the source's ``tile_rows``, or its ``tile_cols`` when a quarter
+        turn makes the original's columns the crop's rows, counted from the far end when that
+        axis is flipped. (1, 0) when the source does not say."""
+        g = self._geometry
+        _, H0, W0 = (int(n) for n in self.source.shape)
+        grid = getattr(self.source, "tile_cols" if g.transpose else "tile_rows", None)
+        if not grid:
+            return 1, 0
+        period, phase = grid
+        length, reversed_ = (W0, g.flip_cols) if g.transpose else (H0, g.flip_rows)
+        return period, (length - phase) % period if reversed_ else phase
 
     @classmethod
     def open(
@@ -235,7 +257,7 @@ class CropCache:
         budget_bytes: int | None = None,
         host_budget_bytes: int | None = None,
         band_bytes: int = DEFAULT_BAND_BYTES,
-        make_pixel_transform: Callable[[torch.device], PixelTransform] | None = None,
+        augment: AugmentParams | None = None,
     ) -> CropCache:
         """Choose the tier for ``source`` and start filling it (module docstring).
 
@@ -250,12 +272,12 @@ class CropCache:
                 :func:`available_host_memory`).
             band_bytes: host bytes per band read while filling (at least one row; rounded up
                 to whole tile rows of a source with ``tile_rows``).
-            make_pixel_transform: called with the buffer's device (not in mode ``"none"``);
-                returns the pointwise map applied to each band as it is filled (module
-                docstring), e.g. ``lambda device: ColourJitter(hsv_shift, device)``.
+            augment: the flips, quarter turns and colour jitter the crop is seen through
+                (module docstring); None for none.
 
         Raises:
-            ValueError: unknown mode, a non-uint8 source, or an explicit tier that does not fit.
+            ValueError: unknown mode, a non-uint8 source, augmenting a source that is not
+                RGB, or an explicit tier that does not fit.
         """
         C, H, W = (int(n) for n in source.shape)
         if np.dtype(source.dtype) != np.uint8:
@@ -267,7 +289,8 @@ class CropCache:
         if budget_bytes is None:
             budget_bytes = int(DEFAULT_FRACTION * free_device_memory(device)) if device.type == "cuda" else host
         chosen, reason = choose_mode(C * H * W, mode, device, budget_bytes, host)
-        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * W)), make_pixel_transform)
+        width = H if augment is not None and augment.rot90_k % 2 else W  # of the augmented crop
+        cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * width)), augment)
         fell_back = mode == "auto" and chosen != "device"
         (logger.info if fell_back else logger.debug)("slide cache %s for %s: %s", chosen, source, reason)
         return cache
@@ -294,8 +317,12 @@ class CropCache:
         """(3, h, w) uint8 pixels of rows [y, y+h), columns [x, x+w); white outside the crop."""
         y, x, h, w = check_region(y, x, h, w)
         if self.mode == "none":
-            with record_function("slides.decode"):
-                return host_tensor(np.asarray(self.source.read(y, x, h, w)))
+            if self.augment.is_identity:
+                with record_function("slides.decode"):
+                    return host_tensor(np.asarray(self.source.read(y, x, h, w)))
+            C, H, W = self._shape
+            white = lambda: torch.full((C, h, w), 255, dtype=torch.uint8, device=self._device)  # noqa: E731
+            return read_clipped(y, x, h, w, H, W, self._augmented_tile, white)
         buffer = self._buffer
         if buffer is None:
             raise RuntimeError(f"{self!r} is closed: read it inside its `with` block")
@@ -337,12 +364,14 @@ class CropCache:
                 raise RuntimeError(f"{self!r} was closed while it was being read")
             r0, r1 = self._bands[k]
             try:
-                band = self._read_band(r0, r1)
+                _, _, W = self._shape
+                block = self._read_original(r0, 0, r1 - r0, W)  # (3, ., .) the original under the band
                 with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                    if self.pixel_transform is not None:  # on the buffer's device, once per crop pixel
-                        with record_function("slides.augment"):
-                            band = self.pixel_transform(to_device(band, self._buffer.device))
-                    self._buffer[r0:r1].copy_(band.permute(1, 2, 0))  # whole rows from an interleaved band
+                    if self.augment.is_identity:
+                        self._buffer[r0:r1].copy_(block.permute(1, 2, 0))  # whole rows from an interleaved band
+                    else:
+                        with record_function("slides.augment"):  # on the buffer's device, once per crop pixel
+                            augment_into(block, self._geometry, self.jitter, self._buffer[r0:r1])
                     if self._stream is not None:
                         self._stream.synchronize()  # on the GPU before any reader slices it
             except BaseException as error:
@@ -366,10 +395,21 @@ class CropCache:
             "slide cache filled %d x %d px in %.2f s (%.0f Mpx/s)", H, W, seconds, H * W / max(seconds, 1e-9) / 1e6
         )
 
-    def _read_band(self, r0: int, r1: int) -> torch.Tensor:
-        """(3, r1 - r0, W) uint8 host tensor of rows [r0, r1) (the source's strides), checked."""
-        C, _, W = self._shape
-        band = self.source.read(r0, 0, r1 - r0, W)
+    def _augmented_tile(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        """Mode none, augmenting: (3, h, w) on ``device`` for a region inside the crop, from the
+        original region under it."""
+        block = self._read_original(y, x, h, w)
+        with record_function("slides.augment"):
+            out = torch.empty((h, w, 3), dtype=torch.uint8, device=self._device)
+            return augment_into(block, self._geometry, self.jitter, out).permute(2, 0, 1)
+
+    def _read_original(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
+        """(3, h', w') uint8 host tensor (the source's strides) of the original under the
+        region (y, x, h, w) of the crop (its ``source_region``), checked."""
+        region = self._frame.source_region(y, x, h, w)
+        want = (self._shape[0], region[2], region[3])
+        with record_function("slides.decode"):
+            band = self.source.read(*region)
         if isinstance(band, torch.Tensor):
             band_shape, band_dtype = tuple(band.shape), band.dtype
             ok = band.dtype == torch.uint8
@@ -378,10 +418,10 @@ class CropCache:
             band_shape, band_dtype, ok = band.shape, band.dtype, band.dtype == np.uint8
             if ok:
                 band = host_tensor(band)
-        if band_shape != (C, r1 - r0, W) or not ok:
+        if band_shape != want or not ok:
             raise ValueError(
-                f"{self.source!r}.read({r0}, 0, {r1 - r0}, {W}) returned {band_dtype} of shape "
-                f"{band_shape}, expected uint8 of shape {(C, r1 - r0, W)}"
+                f"{self.source!r}.read{region} returned {band_dtype} of shape {band_shape}, "
+                f"expected uint8 of shape {want}"
             )
         return band
 

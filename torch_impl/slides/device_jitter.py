@@ -14,7 +14,10 @@ the CPU, on every uint8 colour (``tests/test_device_jitter.py``):
   same number (the module's helpers say why for each step);
 * a colour table (:func:`jitter_table`, :func:`apply_jitter_table`): the jitter depends on
   the 24-bit colour only, so one slide's jitter is a table of 2^24 jittered colours, computed
-  by the arithmetic above, and a tile is jittered by one gather.
+  by the arithmetic above, and a tile is jittered by one gather. A colour's place in the
+  table is its *code* r + 256 g + 65536 b: the pixel's three bytes read as a little-endian
+  number, which is how :mod:`torch_impl.slides.band_augment` reads them from interleaved
+  memory, four bytes at a time, without splitting the pixel.
 
 :class:`ColourJitter` is one slide's jitter: through a table filled on demand (each colour
 computed once, on the CPU) or built whole (on a GPU), or by arithmetic alone.
@@ -165,12 +168,17 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _colour_codes(pixels: torch.Tensor) -> torch.Tensor:
-    """(..., 3, h, w) uint8 -> (n,) int32 codes (r << 16) | (g << 8) | b, pixels in C order."""
+    """(..., 3, h, w) uint8 -> (n,) int32 codes r | (g << 8) | (b << 16), pixels in C order."""
     r, g, b = (pixels.select(-3, k) for k in range(3))  # strided views are fine: no copy first
-    codes = r.to(torch.int32).bitwise_left_shift_(16)
+    codes = b.to(torch.int32).bitwise_left_shift_(16)
     codes |= g.to(torch.int32).bitwise_left_shift_(8)
-    codes |= b
+    codes |= r
     return codes.reshape(-1)
+
+
+def _code_colours(codes: torch.Tensor) -> torch.Tensor:
+    """(m,) int32 codes -> (3, m) uint8 RGB (the inverse of :func:`_colour_codes`)."""
+    return torch.stack([codes & 255, (codes >> 8) & 255, codes >> 16]).to(torch.uint8)
 
 
 def _pack(rgb: torch.Tensor) -> torch.Tensor:
@@ -195,8 +203,9 @@ def _all_present(entries: torch.Tensor) -> bool:
 
 
 def jitter_table(hsv_shift: tuple[float, float, float], device: torch.device | str = "cpu") -> torch.Tensor:
-    """(2^24,) int32 on ``device``, complete: entry (r << 16) | (g << 8) | b holds the jittered
-    colour of (r, g, b) (:func:`apply_jitter_table` reads it).
+    """(2^24,) int32 on ``device``, complete: entry r | (g << 8) | (b << 16) (the colour's code,
+    module docstring) holds the jittered colour of (r, g, b) as the int32 whose bytes are
+    (r', g', b', 1) (:func:`apply_jitter_table` reads it).
 
     Built by :func:`jitter_hsv_torch` on every colour, in chunks (temporaries O(chunk)); costs
     as much as jittering 2^24 pixels by arithmetic (~0.5-1 s on one CPU core, milliseconds on
@@ -207,8 +216,7 @@ def jitter_table(hsv_shift: tuple[float, float, float], device: torch.device | s
     table = torch.empty(TABLE_ENTRIES, dtype=torch.int32, device=device)
     step = 2**20
     for start in range(0, TABLE_ENTRIES, step):
-        codes = torch.arange(start, start + step, dtype=torch.int32, device=device)
-        rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255]).to(torch.uint8)  # (3, step)
+        rgb = _code_colours(torch.arange(start, start + step, dtype=torch.int32, device=device))  # (3, step)
         table[start : start + step] = _pack(jitter_hsv_torch(rgb[:, None], shift)[:, 0])
     return table
 
@@ -283,23 +291,42 @@ class ColourJitter:
         for b in range(flat.shape[0]):  # in chunks of LOOKUP_CHUNK_PIXELS (see there)
             for start in range(0, height * width, LOOKUP_CHUNK_PIXELS):
                 stop = start + LOOKUP_CHUNK_PIXELS
-                codes = _colour_codes(flat[b, :, None, start:stop])  # (m,)
-                entries = table.index_select(0, codes)
-                if not _all_present(entries):
-                    self._add_missing(table, codes, entries)
+                entries = self.entries(_colour_codes(flat[b, :, None, start:stop]))
                 out[b, :, start:stop] = entries.view(torch.uint8).view(-1, 4)[:, :3].T
         return out.view(pixels.shape)
+
+    def entries(self, codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Table entries of (n,) int32 colour codes r | (g << 8) | (b << 16) on ``device``:
+        (n,) int32 whose bytes are each pixel's jittered (r', g', b', 1), into ``out`` if given.
+
+        On the CPU, in chunks of :data:`LOOKUP_CHUNK_PIXELS`, each chunk's colours not in the
+        table yet computed and added first; on a GPU one gather in the whole table. Needs
+        ``table=True``.
+        """
+        if not self.use_table:
+            raise ValueError("ColourJitter(table=False) keeps no table to look colour codes up in")
+        table = self._the_table()
+        if out is None:
+            out = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
+        if codes.device.type != "cpu":
+            return torch.index_select(table, 0, codes, out=out)
+        for start in range(0, codes.numel(), LOOKUP_CHUNK_PIXELS):
+            chunk, got = codes[start : start + LOOKUP_CHUNK_PIXELS], out[start : start + LOOKUP_CHUNK_PIXELS]
+            torch.index_select(table, 0, chunk, out=got)
+            if not _all_present(got):
+                self._add_missing(table, chunk, got)
+        return out
 
     def _add_missing(self, table: torch.Tensor, codes: torch.Tensor, entries: torch.Tensor) -> None:
         """Compute the colours whose ``entries`` are 0 (new to the table), and put them in
         ``entries`` (in place) and in the table."""
         missing = (entries == 0).nonzero().squeeze(1)
-        new_codes = codes[missing]
-        rgb = torch.stack([new_codes >> 16, (new_codes >> 8) & 255, new_codes & 255]).to(torch.uint8)  # (3, m)
-        new = _pack(jitter_hsv_torch(rgb[:, None], self.hsv_shift)[:, 0])
-        entries[missing] = new
+        missing_codes = codes[missing]
+        new_codes = torch.unique(missing_codes)  # a new colour often repeats within a chunk: compute it once
+        new = _pack(jitter_hsv_torch(_code_colours(new_codes)[:, None], self.hsv_shift)[:, 0])
         with self._lock:
-            table[new_codes] = new  # a colour repeated among them gets the same entry each time
+            table[new_codes] = new
+        entries[missing] = table[missing_codes]
 
     def __repr__(self) -> str:
         if self._table is None:

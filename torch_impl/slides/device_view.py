@@ -13,21 +13,20 @@ to convert). On a GPU the host only decodes (or nothing, when the block comes fr
 :class:`~torch_impl.slides.crop_cache.CropCache` on the device); on the CPU the result equals
 ``AugmentedView.read`` bit for bit, either way (``tests/test_device_view.py``).
 
-Training opens its crop with :func:`augmented_crop`: the colour jitter is applied once per
-crop pixel, to each band as the :class:`~torch_impl.slides.crop_cache.CropCache` fills it
-(its ``make_pixel_transform``), and the view over the cache then only flips and turns. A
-step reads its tiles (with halos, forward and backward) 2.3-4.2 times the crop's area, so
-this jitters each pixel once instead of that often, and on the host it runs in the cache's
-filling thread, beside the trunk's compute. Without a buffer (mode ``"none"``) the view
-jitters each tile as it is read. The tiles are the same bytes either way.
+Training opens its crop with :func:`augmented_crop`, a
+:class:`~torch_impl.slides.crop_cache.CropCache` that holds the crop *augmented*: each band is
+flipped, turned and colour-jittered once, as the cache is filled, and every tile read is a plain
+slice of it. A step reads its tiles (with halos, forward and backward) 2.3-4.2 times the crop's
+area, so this transforms each pixel once instead of that often, turned tiles cost no more to
+convert to network input than unturned ones, and on the host it runs in the cache's filling
+thread, beside the trunk's compute. Without a buffer (mode ``"none"``) each tile is augmented as
+it is read. The tiles are the same bytes either way, and the same as this view's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -148,26 +147,17 @@ def augmented_crop(
     params: AugmentParams,
     device: torch.device | str = "cpu",
     mode: str = "auto",
-    colour_table: bool | None = None,
     **cache_options: Any,
-) -> Iterator[DeviceAugmentedView]:
+) -> Iterator[CropCache]:
     """``source`` decoded once and seen through ``params``, as training reads a crop (module docstring).
 
-    Opens a :class:`~torch_impl.slides.crop_cache.CropCache` of ``source`` (``mode``,
-    ``device`` and ``cache_options``: :meth:`CropCache.open`'s) whose bands are colour-jittered
-    as they are filled, and yields a :class:`DeviceAugmentedView` of it that flips and turns;
-    in mode ``"none"`` (or when the tier chosen is none) the view also jitters each tile. Either
-    way the view's reads equal ``AugmentedView(source, params).read`` bit for bit on the CPU.
-    ``colour_table`` is :class:`DeviceAugmentedView`'s (default: the table for crops of at least
-    :data:`TABLE_MIN_PIXELS` pixels). The cache is closed on leaving the block.
+    Opens and yields a :class:`~torch_impl.slides.crop_cache.CropCache` of ``source`` seen
+    through ``params`` (``mode``, ``device`` and ``cache_options``: :meth:`CropCache.open`'s):
+    its reads equal ``AugmentedView(source, params).read`` bit for bit on the CPU, in every
+    mode. The cache is closed on leaving the block.
 
     Raises:
-        ValueError, TypeError: as :meth:`CropCache.open` and :class:`DeviceAugmentedView` do.
+        ValueError: as :meth:`CropCache.open` does.
     """
-    table = _use_table(colour_table, source.shape)
-    # the slide's jitter, made for the buffer's device (ColourJitter(hsv_shift, buffer_device, table=table))
-    jitter_at_fill = partial(ColourJitter, params.hsv_shift, table=table) if any(params.hsv_shift) else None
-    with CropCache.open(source, mode, device, make_pixel_transform=jitter_at_fill, **cache_options) as crop:
-        if crop.pixel_transform is not None:  # the cache holds the jittered crop
-            params = dataclasses.replace(params, hsv_shift=(0.0, 0.0, 0.0))
-        yield DeviceAugmentedView(crop, params, device, colour_table=table)
+    with CropCache.open(source, mode, device, augment=params, **cache_options) as crop:
+        yield crop

@@ -186,6 +186,15 @@ class RegionView:
         period, phase = rows
         return period, (phase - self.y0) % period
 
+    @property
+    def tile_cols(self) -> tuple[int, int] | None:
+        """The source's `Slide.tile_cols` in the view's columns (None if the source has none)."""
+        cols = getattr(self.source, "tile_cols", None)
+        if cols is None:
+            return None
+        period, phase = cols
+        return period, (phase - self.x0) % period
+
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = check_region(y, x, h, w)
         return read_clipped(
@@ -431,12 +440,24 @@ class Slide:
         so reads in bands from such a row to such a row decode every stored tile once (what
         `CropCache` fills by); None when they do not line up with whole rows (resampled reads)
         or the file does not say. Here phase is 0 and period the tile height of the level."""
+        return self._tile_grid("h")
+
+    @property
+    def tile_cols(self) -> tuple[int, int] | None:
+        """(period, phase) of the file's tile columns in the columns of `read`, as `tile_rows`
+        for rows (a quarter-turned crop is filled in bands of columns)."""
+        return self._tile_grid("w")
+
+    def _tile_grid(self, axis: str) -> tuple[int, int] | None:
+        """`tile_rows` (axis "h") or `tile_cols` (axis "w")."""
         if self.resample != (1.0, 1.0):
             return None
         if self._tiff is not None:
-            return self._tiff.levels[self.level].tile_h, 0
-        height = self._osr.properties.get(f"openslide.level[{self.level}].tile-height") if self._osr else None
-        return (int(height), 0) if height else None
+            level = self._tiff.levels[self.level]
+            return (level.tile_h if axis == "h" else level.tile_w), 0
+        name = "tile-height" if axis == "h" else "tile-width"
+        size = self._osr.properties.get(f"openslide.level[{self.level}].{name}") if self._osr else None
+        return (int(size), 0) if size else None
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Rows [y, y+h), columns [x, x+w) at the working resolution, as (3, h, w) uint8 RGB.
