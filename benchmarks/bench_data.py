@@ -25,11 +25,11 @@ Augmentation alone (no decoding, an in-memory region): NumPy `AugmentedView` aga
 One training step's data work: every tile of the streaming ResNet-34 trunk's forward plan
 (tile --step-tile, 5760) and backward plan (tile --step-backward-tile, 2880) of a
 --step-crop^2 crop at 0.5 um/px, read and turned into network input as training does it:
-`augmented_crop(crop, params, device, mode)` (a `CropCache`; mode "none": every tile decoded
-from the file; "device": the crop decoded once, on the device, which is host memory on the
-CPU; the HSV jitter applied once per crop pixel as the cache fills, per tile in mode none),
-seen through `DeviceAugmentedView` (identity, or flip + quarter turn), read through
-the engine's prefetching `LazySource`, and `to_model_input` on --device. Rate = crop pixels
+`augmented_crop(crop, params, device, mode)` (a `CropCache` seen through the augmentation,
+identity or flip + quarter turn + HSV jitter; mode "none": every tile decoded from the file
+and augmented as it is read; "device": the crop decoded once, on the device, which is host
+memory on the CPU, and augmented once per crop pixel as the cache fills), read through the
+engine's prefetching `LazySource`, and `to_model_input` on --device. Rate = crop pixels
 per second; "decodes/px" = pixels read from the slide per crop pixel (the cache's bands
 start on tile rows, so with it each stored tile is decoded once). Plus the cache's fill alone
 (each crop pixel decoded once, 1 thread): what the host does in a step on a GPU, where the

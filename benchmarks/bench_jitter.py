@@ -6,18 +6,20 @@
     reference (``augment.jitter_hsv``), the previous torch formulation (kept below for this
     comparison: where-chains and an 18-plane gather), the torch arithmetic of
     ``device_jitter.jitter_hsv_torch``, a gather in a complete colour table
-    (``apply_jitter_table``) and a fresh ``ColourJitter`` (a table created and filled with the
-    region's colours: a slide's first tile); and the complete table's build time. Every result
-    is checked against the NumPy reference.
-(2) One phase-2 step's data work on a synthetic JPEG TIFF slide, as training runs it: the
-    crop decoded once into a ``CropCache``, then every tile of the forward and the backward
-    plan (ResNet-34 halos, ``--tile``) read through ``DeviceAugmentedView`` with flips and a
-    quarter turn, without and with the colour jitter per tile read (the previous formulation,
-    by arithmetic, through the colour table filled on demand, and the view's default), and
-    with the jitter applied once per crop pixel as the cache is filled (``augmented_crop``,
-    what training does; the fill and the reads timed together, against the same without
-    jitter). The jitter's share = jitter / (decode + jitter), where jitter = (with - without):
-    the data work the jitter adds to a step that decodes once.
+    (``apply_jitter_table``), a fresh ``ColourJitter`` (a table created and filled with the
+    region's colours: a slide's first tile), and what the crop cache does, interleaved pixels
+    written into interleaved rows by 24-bit colour codes through a fresh table
+    (``band_augment.augment_into``); and the complete table's build time. Every result is
+    checked against the NumPy reference.
+(2) One phase-2 step's data work on a synthetic JPEG TIFF slide: the crop decoded once into a
+    ``CropCache``, then every tile of the forward and the backward plan (ResNet-34 halos,
+    ``--tile``) read. Per tile read (the earlier ways): through ``DeviceAugmentedView`` with
+    flips and a quarter turn, without and with the colour jitter (the previous formulation, by
+    arithmetic, through the colour table filled on demand, and the view's default). At fill
+    (what training does, ``augmented_crop``): the cache holds the crop flipped and turned, or
+    flipped, turned and jittered, and the tiles are plain slices; the fill and the reads timed
+    together, against a plain cache and plain reads. A share = added / (decode + added): the
+    data work the augmentation adds to a step that decodes once.
 
     python benchmarks/bench_jitter.py                        # CPU, 4096^2 slide, tile 2048
     python benchmarks/bench_jitter.py --device cuda --size 16384 --tile 5760
@@ -36,11 +38,13 @@ import torch
 from reference.tiling import plan_tiles
 from torch_impl.models.resnet import resnet34_trunk
 from torch_impl.slides.augment import AugmentParams, jitter_hsv
+from torch_impl.slides.band_augment import Dihedral, augment_into
 from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.device_jitter import ColourJitter, apply_jitter_table, jitter_hsv_torch, jitter_table
 from torch_impl.slides.device_view import DeviceAugmentedView, augmented_crop
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
+from torch_impl.slides.tiff_reader import interleaved_chw
 from torch_impl.streaming.geometry import module_geometry
 
 GEOMETRY = module_geometry(resnet34_trunk(width=4))  # the halo only depends on the layers
@@ -121,6 +125,7 @@ def per_pixel(device: torch.device, side: int, repeat: int) -> None:
         "torch arithmetic (jitter_hsv_torch)": lambda x: jitter_hsv_torch(x, SHIFT),
         "gather in a complete table (apply_jitter_table)": lambda x: apply_jitter_table(x, table),
         "ColourJitter, new table filled on demand": lambda x: ColourJitter(SHIFT, device)(x),
+        "into interleaved rows, codes + new table (augment_into)": "rows",
     }
     for name, fn in methods.items():
         row: list[float] = []
@@ -128,6 +133,16 @@ def per_pixel(device: torch.device, side: int, repeat: int) -> None:
             want = jitter_hsv(image, SHIFT)
             if fn is None:
                 seconds = best(lambda image=image: jitter_hsv(image, SHIFT), torch.device("cpu"), repeat)
+            elif fn == "rows":  # the crop cache's way: a reader's interleaved pixels into interleaved rows
+                x = interleaved_chw(side, side)
+                x[...] = image
+                out = torch.empty((side, side, 3), dtype=torch.uint8, device=device)
+
+                def write(x=x, out=out) -> torch.Tensor:
+                    return augment_into(x, Dihedral(), ColourJitter(SHIFT, device), out).permute(2, 0, 1)
+
+                np.testing.assert_array_equal(write().cpu().numpy(), want)
+                seconds = best(write, device, repeat)
             else:
                 x = torch.from_numpy(image).to(device)
                 np.testing.assert_array_equal(fn(x).cpu().numpy(), want)  # exact, or the timing means nothing
@@ -167,6 +182,11 @@ def step_share(slide_path: Path, device: torch.device, tile: int, repeat: int) -
             f"    decode once (CropCache fill): {decode:.2f}; tiles read through the view: {read / area:.2f}x the crop"
         )
         geometry = best(lambda: read_plans(DeviceAugmentedView(crop, GEOMETRY_ONLY, device), tile), device, repeat)
+        turns = max(geometry - best(lambda: read_plans(crop, tile), device, repeat), 0.0)
+        print(
+            f"    flips + turn per tile read    {turns:6.2f} s = {turns / read * 1e9:5.1f} ns per pixel read; "
+            f"{100 * turns / (decode + turns):5.1f}% of decode + it"
+        )
         ways = {
             "previous": lambda: PreviousView(crop, AUGMENT, device),
             "arithmetic": lambda: DeviceAugmentedView(crop, AUGMENT, device, colour_table=False),
@@ -181,24 +201,18 @@ def step_share(slide_path: Path, device: torch.device, tile: int, repeat: int) -
                 f"read; {100 * jitter / (decode + jitter):5.1f}% of decode + jitter"
             )
 
-    def fill_and_read(jitter_at_fill: bool) -> None:
-        if jitter_at_fill:  # training's way: the cache jitters each band it fills, the view flips and turns
-            with augmented_crop(source, AUGMENT, device, "device") as view:
-                view.source.fill()
-                read_plans(view, tile)
-        else:
-            with CropCache.open(source, "device", device) as crop:
-                crop.fill()
-                read_plans(DeviceAugmentedView(crop, GEOMETRY_ONLY, device), tile)
+    def fill_and_read(params: AugmentParams) -> None:  # training's way: the tiles are slices of the crop
+        with augmented_crop(source, params, device, "device") as crop:
+            read_plans(crop.fill(), tile)
 
-    without = best(lambda: fill_and_read(False), device, repeat)
-    at_fill = best(lambda: fill_and_read(True), device, repeat)
-    jitter = max(at_fill - without, 0.0)
-    print(
-        f"    colour jitter at fill (augmented_crop): {jitter:6.2f} s = {jitter / area * 1e9:5.1f} ns per crop pixel "
-        f"= {jitter / read * 1e9:5.1f} ns per pixel read; {100 * jitter / (decode + jitter):5.1f}% of decode + jitter "
-        f"(fill + reads: {without:.2f} s without jitter, {at_fill:.2f} s with)"
-    )
+    plain = best(lambda: fill_and_read(AugmentParams()), device, repeat)
+    for name, params in (("flips + turn", GEOMETRY_ONLY), ("flips + turn + jitter", AUGMENT)):
+        added = max(best(lambda params=params: fill_and_read(params), device, repeat) - plain, 0.0)
+        print(
+            f"    at fill (augmented_crop), {name:22s} {added:6.2f} s = {added / area * 1e9:5.1f} ns per crop pixel "
+            f"= {added / read * 1e9:5.1f} ns per pixel read; {100 * added / (decode + added):5.1f}% of decode + it"
+        )
+    print(f"    (fill + plain reads, no augmentation: {plain:.2f} s)")
     slide.close()
 
 

@@ -1,7 +1,7 @@
 """Time one real training step on a slide file, file to optimizer step, and split it into its parts.
 
 The step is training's own: ``_train_slide`` (open the slide and its tissue, draw the crop
-and the augmentation, ``CropCache`` + ``DeviceAugmentedView``, the streamed StreamingCLAM
+and the augmentation, ``augmented_crop`` (a ``CropCache`` holding the crop augmented), the streamed StreamingCLAM
 forward, the loss, ``torch.autograd.grad``) and ``_optimizer_step`` (Adam), phase 2 (the
 trunk trains), on the synthetic JPEG-tiled pyramidal TIFF of ``bench_data.py`` (written
 once to a cache folder outside the repository). One step is run first as a warm-up, then
@@ -12,7 +12,8 @@ The split comes from the named ranges (``torch.profiler.record_function``) of th
     open + tissue   slides.open (open the file, find its tissue, draw the crop)
     read/decode     streaming.read (a tile read), slides.decode (a crop-cache band decoded,
                     or waited for)
-    augment         slides.augment (flips, quarter turns, HSV jitter of a tile)
+    augment         slides.augment (flips, quarter turns, HSV jitter of a crop-cache band as
+                    it is filled, or of a tile with slide cache none)
     transfer        streaming.transfer (host -> device copies)
     trunk forward   streaming.forward (one tile's tape-free forward and its stitching)
     trunk backward  streaming.backward (one tile's recompute + backward)

@@ -43,12 +43,13 @@ def layouts(image: np.ndarray) -> dict[str, np.ndarray | torch.Tensor]:
     wide = interleaved_chw(h + 1, w + 5)  # a window whose rows are spaced wider than its width
     window = wide[:, 1:, 2 : 2 + w]
     window[...] = image
+    read_only = np.frombuffer(interleaved.transpose(1, 2, 0).tobytes(), np.uint8).reshape(h, w, 3)
     return {
         "planar": image,
         "interleaved": interleaved,
         "window": window,
         "tensor": torch.from_numpy(interleaved),
-        "read-only": np.frombuffer(interleaved.transpose(1, 2, 0).tobytes(), np.uint8).reshape(h, w, 3).transpose(2, 0, 1),
+        "read-only": read_only.transpose(2, 0, 1),
     }
 
 

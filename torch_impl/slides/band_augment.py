@@ -102,9 +102,7 @@ def augment_into(
     h, w = (int(n) for n in block.shape[1:])
     want = (*geometry.shape(h, w), 3)
     if tuple(out.shape) != want or out.dtype != torch.uint8 or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a C-contiguous uint8 tensor of shape {want}, got {out.dtype} {tuple(out.shape)}"
-        )
+        raise ValueError(f"out must be a C-contiguous uint8 tensor of shape {want}, got {out.dtype} {tuple(out.shape)}")
     on_host = not isinstance(block, torch.Tensor) or block.device.type == "cpu"
     if out.device.type == "cpu" and on_host and _LITTLE_ENDIAN:
         return augment_by_codes(block, geometry, jitter, out)
