@@ -13,7 +13,8 @@
     checked against the NumPy reference.
 (2) One phase-2 step's data work on a synthetic JPEG TIFF slide: the crop decoded once into a
     ``CropCache``, then every tile of the forward and the backward plan (ResNet-34 halos,
-    ``--tile``) read. Per tile read (the earlier ways): through ``DeviceAugmentedView`` with
+    ``--tile``) read and turned into network input (``to_model_input``: a quarter-turned
+    tile costs more to convert than an unturned one). Per tile read (the earlier ways): through ``DeviceAugmentedView`` with
     flips and a quarter turn, without and with the colour jitter (the previous formulation, by
     arithmetic, through the colour table filled on demand, and the view's default). At fill
     (what training does, ``augmented_crop``): the cache holds the crop flipped and turned, or
@@ -45,6 +46,7 @@ from torch_impl.slides.device_view import DeviceAugmentedView, augmented_crop
 from torch_impl.slides.inputs import open_slide_input
 from torch_impl.slides.synthetic import synthesize_slide, write_pyramid_tiff
 from torch_impl.slides.tiff_reader import interleaved_chw
+from torch_impl.streaming import to_model_input
 from torch_impl.streaming.geometry import module_geometry
 
 GEOMETRY = module_geometry(resnet34_trunk(width=4))  # the halo only depends on the layers
@@ -125,7 +127,7 @@ def per_pixel(device: torch.device, side: int, repeat: int) -> None:
         "torch arithmetic (jitter_hsv_torch)": lambda x: jitter_hsv_torch(x, SHIFT),
         "gather in a complete table (apply_jitter_table)": lambda x: apply_jitter_table(x, table),
         "ColourJitter, new table filled on demand": lambda x: ColourJitter(SHIFT, device)(x),
-        "into interleaved rows, codes + new table (augment_into)": "rows",
+        "codes, new table, into rows (augment_into)": "rows",
     }
     for name, fn in methods.items():
         row: list[float] = []
@@ -157,11 +159,12 @@ def per_pixel(device: torch.device, side: int, repeat: int) -> None:
 
 
 def read_plans(view, tile: int) -> int:
-    """Read every tile of the forward and the backward plan from ``view``; returns the pixels read."""
+    """Read every tile of the forward and the backward plan from ``view`` and turn it into
+    network input (``to_model_input``, where a turned tile costs more); returns the pixels read."""
     pixels = 0
     for _ in ("forward", "backward"):
         for t in plan_tiles(GEOMETRY, view.shape[1:], tile).tiles:
-            view.read(t.row.start, t.col.start, t.row.length, t.col.length)
+            to_model_input(view.read(t.row.start, t.col.start, t.row.length, t.col.length))
             pixels += t.row.length * t.col.length
     return pixels
 
