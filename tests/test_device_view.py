@@ -416,6 +416,42 @@ def test_an_augmented_cache_augments_each_crop_pixel_once(mode, monkeypatch):
         assert {w for _, w in spy.calls} == {23} and len(spy.calls) == 4  # bands of 5 rows of the turned crop
 
 
+class GriddedImage(CountingImage):
+    """A CountingImage that declares a file's tile grid: ``tile_rows`` and ``tile_cols``."""
+
+    def __init__(self, array: np.ndarray, tile_rows: tuple[int, int], tile_cols: tuple[int, int]):
+        super().__init__(array)
+        self.tile_rows, self.tile_cols = tile_rows, tile_cols
+
+
+@given(
+    H=st.integers(1, 60),
+    W=st.integers(1, 60),
+    grid=st.tuples(st.integers(1, 13), st.integers(0, 12), st.integers(1, 13), st.integers(0, 12)),
+    p=params_strategy,
+    band_rows=st.integers(1, 70),
+)
+def test_bands_start_and_end_on_the_sources_tile_grid(H, W, grid, p, band_rows):
+    """Each band of the (augmented) crop is read from the original as one region whose edges
+    across the bands lie on the source's tile grid (rows, or columns when turned; flips mirror
+    the grid) or on the image's border; the bands cover the original exactly once."""
+    period_r, phase_r, period_c, phase_c = grid
+    rows, cols = (period_r, phase_r % period_r), (period_c, phase_c % period_c)
+    source = GriddedImage(np.zeros((3, H, W), np.uint8), rows, cols)
+    turned = p.rot90_k % 2 == 1
+    width = H if turned else W  # of the augmented crop
+    with CropCache.open(source, "host", CPU, band_bytes=band_rows * 3 * width, augment=p) as crop:
+        crop.fill()
+    assert (source.counts == 1).all()
+    period, phase = cols if turned else rows
+    length = W if turned else H
+    for y, x, h, w in source.regions:
+        start, size = (x, w) if turned else (y, h)
+        assert (h, w) == ((H, size) if turned else (size, W))  # whole rows, or whole columns
+        for edge in (start, start + size):
+            assert edge in (0, length) or (edge - phase) % period == 0, (edge, period, phase)
+
+
 def test_an_identity_cache_copies_and_augments_nothing(monkeypatch):
     """Without augmentation (or the identity) the cache copies the source's bands as they are."""
     image = np.random.default_rng(3).integers(0, 256, (3, 9, 11), dtype=np.uint8)
