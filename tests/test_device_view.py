@@ -463,6 +463,23 @@ def test_an_identity_cache_copies_and_augments_nothing(monkeypatch):
     assert spy.calls == []
 
 
+@pytest.mark.parametrize("mode", ["host", "none"])
+def test_the_cache_jitters_through_a_colour_table_from_table_min_pixels_on(mode, monkeypatch):
+    """A crop of at least TABLE_MIN_PIXELS pixels jitters through the slide's colour table (by
+    colour codes on the CPU); a smaller one by arithmetic (a new table would cost more); the
+    same bytes either way."""
+    monkeypatch.setattr(crop_cache_module, "TABLE_MIN_PIXELS", 200)
+    image = np.random.default_rng(4).integers(0, 256, (3, 13, 17), dtype=np.uint8)
+    p = AugmentParams(flip_h=True, rot90_k=3, hsv_shift=(-0.3, 0.2, 0.1))
+    for width, table in ((17, True), (15, False)):  # 221 and 195 pixels
+        part = ArrayImage(np.ascontiguousarray(image[:, :, :width]))
+        reference = AugmentedView(part, p)
+        with CropCache.open(part, mode, CPU, augment=p) as crop:
+            assert crop.shape == reference.shape == (3, width, 13)
+            np.testing.assert_array_equal(crop.read(0, 0, width, 13).numpy(), reference.read(0, 0, width, 13))
+            assert crop.jitter.use_table == table
+
+
 def test_augmenting_a_source_that_is_not_rgb_is_refused():
     with pytest.raises(ValueError, match="augments RGB pixels"):
         CropCache.open(ArrayImage(np.zeros((4, 5, 5), np.uint8)), "host", CPU, augment=AugmentParams(flip_v=True))

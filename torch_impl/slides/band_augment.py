@@ -23,7 +23,8 @@ Two ways to write, the same bytes (``tests/test_band_augment.py``, against ``Aug
   (:meth:`~torch_impl.slides.device_jitter.ColourJitter.entries`), and the words' first
   three bytes copied into ``out``. In chunks of about :data:`CHUNK_PIXELS` output pixels, so
   that the temporaries stay in the CPU's cache;
-* anywhere else (a GPU), by torch operations on the device: the block moved there, jittered
+* anywhere else (a GPU; or a jitter without a table, for small crops), by torch operations on
+  the device: the block moved there, jittered
   (:class:`~torch_impl.slides.device_jitter.ColourJitter`), flipped and transposed, copied into ``out``.
 """
 
@@ -91,7 +92,8 @@ def augment_into(
         block: (3, h, w) uint8 pixels of the original image, any strides (a reader's view of
             interleaved memory, a planar array), on the host or on ``out``'s device.
         geometry: the flips and turn.
-        jitter: the slide's colour jitter (with a table), or None for none.
+        jitter: the slide's colour jitter, or None for none. Without a table
+            (``table=False``: small crops) the torch path computes it by arithmetic.
         out: (h', w', 3) uint8, C-contiguous, h' x w' = ``geometry.shape(h, w)``.
 
     Raises:
@@ -104,7 +106,8 @@ def augment_into(
     if tuple(out.shape) != want or out.dtype != torch.uint8 or not out.is_contiguous():
         raise ValueError(f"out must be a C-contiguous uint8 tensor of shape {want}, got {out.dtype} {tuple(out.shape)}")
     on_host = not isinstance(block, torch.Tensor) or block.device.type == "cpu"
-    if out.device.type == "cpu" and on_host and _LITTLE_ENDIAN:
+    by_table = jitter is None or (jitter.use_table and jitter.device.type == "cpu")
+    if out.device.type == "cpu" and on_host and _LITTLE_ENDIAN and by_table:
         return augment_by_codes(block, geometry, jitter, out)
     return augment_by_torch(block, geometry, jitter, out)
 

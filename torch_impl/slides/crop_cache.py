@@ -50,7 +50,8 @@ host only decodes). Every tile read is then a plain slice of the buffer, however
 forward and the backward pass read it. In mode ``"none"`` each tile read is augmented the same
 way on ``device``, from the original region under it. The jitter goes through the slide's
 colour table (:class:`~torch_impl.slides.device_jitter.ColourJitter`: on the CPU filled on
-demand, on a GPU built whole).
+demand, on a GPU built whole), or, for a crop of fewer than
+:data:`~torch_impl.slides.device_jitter.TABLE_MIN_PIXELS` pixels, by arithmetic.
 
 Layout. The buffer is interleaved, (H, W, 3) in memory, as slide readers return their
 (3, h, w) pixels (:func:`~torch_impl.slides.tiff_reader.interleaved_chw`): a band is copied in
@@ -83,7 +84,7 @@ from torch.profiler import record_function
 from ..streaming.sources import host_tensor
 from .augment import AugmentedView, AugmentParams
 from .band_augment import Dihedral, augment_into
-from .device_jitter import ColourJitter
+from .device_jitter import TABLE_MIN_PIXELS, ColourJitter
 from .slide import ImageSource, check_region, read_clipped
 
 __all__ = [
@@ -226,7 +227,10 @@ class CropCache:
         if mode != "none":
             self._buffer = torch.empty((H, W, C), dtype=torch.uint8, device=device if mode == "device" else "cpu")
         work_device = self._buffer.device if self._buffer is not None else device  # where pixels are augmented
-        self.jitter = ColourJitter(self.augment.hsv_shift, work_device) if any(self.augment.hsv_shift) else None
+        if any(self.augment.hsv_shift):  # through the slide's colour table unless the crop is small
+            self.jitter = ColourJitter(self.augment.hsv_shift, work_device, table=H * W >= TABLE_MIN_PIXELS)
+        else:
+            self.jitter = None
         if self._buffer is not None:
             if self._buffer.device.type == "cuda":
                 self._stream = torch.cuda.Stream(self._buffer.device)

@@ -36,14 +36,10 @@ from torch.profiler import record_function
 from ..streaming.sources import host_tensor, to_device
 from .augment import AugmentedView, AugmentParams
 from .crop_cache import CropCache
-from .device_jitter import ColourJitter
+from .device_jitter import TABLE_MIN_PIXELS, ColourJitter
 from .slide import ImageSource, check_region, read_clipped
 
 __all__ = ["TABLE_MIN_PIXELS", "DeviceAugmentedView", "augmented_crop"]
-
-#: Views of at least this many pixels jitter through a colour table by default: creating the
-#: 64 MiB table costs about as much as the arithmetic on 2^20 pixels (30 ms on one CPU core).
-TABLE_MIN_PIXELS = 2**20
 
 
 def _use_table(colour_table: bool | None, shape: tuple[int, int, int]) -> bool:
