@@ -180,20 +180,20 @@ class RegionView:
     @property
     def tile_rows(self) -> tuple[int, int] | None:
         """The source's `Slide.tile_rows` in the view's rows (None if the source has none)."""
-        rows = getattr(self.source, "tile_rows", None)
-        if rows is None:
-            return None
-        period, phase = rows
-        return period, (phase - self.y0) % period
+        return self._shifted_grid("tile_rows", self.y0)
 
     @property
     def tile_cols(self) -> tuple[int, int] | None:
         """The source's `Slide.tile_cols` in the view's columns (None if the source has none)."""
-        cols = getattr(self.source, "tile_cols", None)
-        if cols is None:
+        return self._shifted_grid("tile_cols", self.x0)
+
+    def _shifted_grid(self, name: str, offset: int) -> tuple[int, int] | None:
+        """The source's (period, phase) grid ``name``, seen from ``offset`` pixels further on."""
+        grid = getattr(self.source, name, None)
+        if grid is None:
             return None
-        period, phase = cols
-        return period, (phase - self.x0) % period
+        period, phase = grid
+        return period, (phase - offset) % period
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         y, x, h, w = check_region(y, x, h, w)
