@@ -31,7 +31,8 @@ and augmented as it is read; "device": the crop decoded once, on the device, whi
 memory on the CPU, and augmented once per crop pixel as the cache fills), read through the
 engine's prefetching `LazySource`, and `to_model_input` on --device. Rate = crop pixels
 per second; "decodes/px" = pixels read from the slide per crop pixel (the cache's bands
-start on tile rows, so with it each stored tile is decoded once). Plus the cache's fill alone
+start on tile rows, or tile columns when the crop is turned, so with it each stored tile is
+decoded once). Plus the cache's fill alone
 (each crop pixel decoded once, 1 thread): what the host does in a step on a GPU, where the
 augmentation and the normalisation run on the device.
 

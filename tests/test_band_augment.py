@@ -10,7 +10,10 @@ image), and chunks that split the output anywhere.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import mmap
+import sys
 
 import numpy as np
 import pytest
@@ -108,6 +111,46 @@ def test_the_codes_are_each_pixels_bytes_little_endian_even_at_the_end_of_memory
             flipped = flipped[:, ::-1] if flip_cols else flipped
             np.testing.assert_array_equal(band_augment._codes(pixels, flip_rows, flip_cols).numpy(), flipped)
         np.testing.assert_array_equal(band_augment._codes(pixels[:, : max(w - 1, 1)]).numpy(), want[:, : max(w - 1, 1)])
+
+
+def guarded_bytes(n: int) -> np.ndarray:
+    """n writable bytes that end exactly where a page that may not be read begins (a one-byte
+    over-read is a segmentation fault)."""
+    page = mmap.PAGESIZE
+    pages = -(-n // page)
+    memory = mmap.mmap(-1, (pages + 1) * page)
+    whole = np.frombuffer(memory, np.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.mprotect(whole.ctypes.data + pages * page, page, 0) != 0:  # PROT_NONE
+        pytest.skip("mprotect is not available")
+    return whole[pages * page - n : pages * page]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mprotect through libc")
+def test_no_byte_past_the_blocks_memory_is_read():
+    """Blocks whose memory ends at an unreadable page, in every layout the codes are read from
+    (contiguous, a window, a broadcast row, an expanded tensor), for every flip and turn: the
+    same bytes as AugmentedView, and no fault."""
+    h, w = 4, 5
+    memory = guarded_bytes(3 * h * w)
+    memory[...] = np.random.default_rng(2).integers(0, 256, memory.size, dtype=np.uint8)
+    pixels = memory.reshape(h, w, 3)
+    row = pixels[-1:]  # the last row: ends at the guard
+    blocks = {
+        "contiguous": pixels.transpose(2, 0, 1),
+        "window": pixels[1:, 2:].transpose(2, 0, 1),
+        "broadcast row": np.broadcast_to(row, (h, w, 3)).transpose(2, 0, 1),
+        "expanded tensor": torch.from_numpy(row).expand(h, w, 3).permute(2, 0, 1),
+    }
+    for name, block in blocks.items():
+        image = block.numpy().copy() if isinstance(block, torch.Tensor) else np.array(block)
+        for flip_v, flip_h, k in itertools.product([False, True], [False, True], range(4)):
+            p = AugmentParams(flip_v, flip_h, k)
+            g = Dihedral.of(p)
+            out = torch.empty((*g.shape(*image.shape[1:]), 3), dtype=torch.uint8)
+            augment_by_codes(block, g, None, out)
+            np.testing.assert_array_equal(out.permute(2, 0, 1).numpy(), reference(image, p), err_msg=name)
 
 
 def test_augment_into_refuses_what_does_not_fit():

@@ -18,6 +18,7 @@ import torch
 
 from tests import helpers
 from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
+from torch_impl.slides import crop_cache as crop_cache_module
 from torch_impl.slides.augment import AugmentParams
 from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.device_jitter import jitter_table
@@ -122,10 +123,14 @@ def test_cuda_device_view_reads_equal_the_cpu_reads(colour_table):
         assert torch.equal(tile.cpu(), cpu.read(*region)), region
 
 
-def test_cuda_crop_cache_on_the_device_equals_host_memory():
+@pytest.mark.parametrize("table_min_pixels", [0, None], ids=["colour table", "default: arithmetic here"])
+def test_cuda_crop_cache_on_the_device_equals_host_memory(table_min_pixels, monkeypatch):
     """A CropCache on the GPU == one in host memory, plain and augmented (augmented_crop: flipped,
-    turned and jittered on the GPU through the whole colour table; on the host by colour codes,
-    the table filled on demand); in mode none the tiles are augmented on the GPU as they are read."""
+    turned and jittered on the GPU, through the whole colour table or, for a crop under
+    TABLE_MIN_PIXELS, by arithmetic; on the host by colour codes and the table filled on demand,
+    or by arithmetic); in mode none the tiles are augmented on the GPU as they are read."""
+    if table_min_pixels is not None:  # this small crop through the colour table, as a large one
+        monkeypatch.setattr(crop_cache_module, "TABLE_MIN_PIXELS", table_min_pixels)
     image = interleaved_image(257, 190, seed=1)
     regions = [(0, 0, 257, 190), (-5, 20, 100, 300), (200, 3, 57, 60)]
     with (
@@ -141,7 +146,9 @@ def test_cuda_crop_cache_on_the_device_equals_host_memory():
                 augmented_crop(ArrayImage(image), params, "cuda", mode, band_bytes=40 * 3 * 190) as gpu,
                 augmented_crop(ArrayImage(image), params, "cpu", "host", band_bytes=40 * 3 * 190) as cpu,
             ):
-                assert gpu.jitter is None or gpu.jitter.device.type == "cuda"
+                if gpu.jitter is not None:
+                    assert gpu.jitter.device.type == "cuda" and cpu.jitter.device.type == "cpu"
+                    assert gpu.jitter.use_table == cpu.jitter.use_table == (table_min_pixels == 0)
                 for region in regions:
                     tile = gpu.read(*region)
                     assert tile.device.type == "cuda"

@@ -487,7 +487,7 @@ def test_augmenting_a_source_that_is_not_rgb_is_refused():
 
 @given(data=image_and_region(), p=params_strategy, mode=st.sampled_from(["none", "device", "host"]))
 def test_the_augmented_crop_reads_like_augmented_view(data, p, mode):
-    """augmented_crop (jitter at fill; in mode none per tile): AugmentedView's bytes, white outside."""
+    """augmented_crop (augmented at fill; in mode none per tile): AugmentedView's bytes, white outside."""
     image, (y, x, h, w) = data
     with augmented_crop(ArrayImage(image), p, CPU, mode, band_bytes=3 * 3 * image.shape[2]) as view:
         assert view.shape == AugmentedView(ArrayImage(image), p).shape

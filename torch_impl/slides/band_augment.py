@@ -30,6 +30,7 @@ Two ways to write, the same bytes (``tests/test_band_augment.py``, against ``Aug
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -126,15 +127,20 @@ def augment_by_codes(
         np.copyto(out.numpy(), pixels[::-1] if geometry.flip_rows else pixels)
         return out
     out_h, out_w = out.shape[:2]
-    rows = max(1, CHUNK_PIXELS // max(out_w, 1))
+    # chunks of whole output rows; turned, square blocks (a row of the output is a column of the
+    # original: reading a few columns down a tall original would touch a new cache line per pixel)
+    cols = int(math.isqrt(CHUNK_PIXELS)) if geometry.transpose else out_w
+    rows = max(1, CHUNK_PIXELS // max(min(cols, out_w), 1))
     for i0 in range(0, out_h, rows):
         i1 = min(i0 + rows, out_h)
-        codes = _codes(_original_part(pixels, geometry, i0, i1), geometry.flip_rows, geometry.flip_cols)
-        if geometry.transpose:
-            codes = codes.T.contiguous()  # torch's transposing copy: ~3x faster than NumPy's here
-        # codes: (i1 - i0, w') int32
-        words = jitter.entries(codes.view(-1)) if jitter is not None else codes.view(-1)
-        out[i0:i1].view(-1, 3).copy_(words.view(torch.uint8).view(-1, 4)[:, :3])
+        for j0 in range(0, out_w, max(cols, 1)):
+            j1 = min(j0 + cols, out_w)
+            part = _original_part(pixels, geometry, i0, i1, j0, j1)
+            codes = _codes(part, geometry.flip_rows, geometry.flip_cols)
+            if geometry.transpose:
+                codes = codes.T.contiguous()  # torch's transposing copy: ~3x faster than NumPy's here
+            words = jitter.entries(codes.view(-1)) if jitter is not None else codes.view(-1)  # (i1 - i0) (j1 - j0)
+            out[i0:i1, j0:j1].copy_(words.view(torch.uint8).view(i1 - i0, j1 - j0, 4)[..., :3])
     return out
 
 
@@ -145,20 +151,23 @@ def _interleaved(block: np.ndarray | torch.Tensor) -> np.ndarray:
     if a.dtype != np.uint8:
         raise ValueError(f"augment_into takes uint8 pixels, got {a.dtype}")
     pixels = a.transpose(1, 2, 0)
-    if pixels.strides[1:] != (3, 1) or pixels.strides[0] < 0:
-        pixels = pixels.copy()  # C order
+    h, w = pixels.shape[:2]
+    if pixels.strides[1:] != (3, 1) or (h > 1 and pixels.strides[0] < 3 * w):
+        # C order: also rows that overlap or repeat (a broadcast row, stride 0), where a word
+        # could reach past the block's memory (`_codes`)
+        pixels = pixels.copy()
     return pixels
 
 
-def _original_part(pixels: np.ndarray, geometry: Dihedral, i0: int, i1: int) -> np.ndarray:
-    """The (h, w, 3) view of the original that rows [i0, i1) of the augmented block come from:
-    rows of the original, or, turned, its columns (counted from the end when flipped)."""
+def _original_part(pixels: np.ndarray, geometry: Dihedral, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+    """The (., ., 3) view of the original that rows [i0, i1) x columns [j0, j1) of the augmented
+    block come from: the same rows and columns of the original, or, turned, the same columns and
+    rows; each counted from the end when flipped."""
     h, w = pixels.shape[:2]
-    if geometry.transpose:
-        c0, c1 = (w - i1, w - i0) if geometry.flip_cols else (i0, i1)
-        return pixels[:, c0:c1]
-    r0, r1 = (h - i1, h - i0) if geometry.flip_rows else (i0, i1)
-    return pixels[r0:r1]
+    rows, cols = ((j0, j1), (i0, i1)) if geometry.transpose else ((i0, i1), (j0, j1))
+    r0, r1 = (h - rows[1], h - rows[0]) if geometry.flip_rows else rows
+    c0, c1 = (w - cols[1], w - cols[0]) if geometry.flip_cols else cols
+    return pixels[r0:r1, c0:c1]
 
 
 class _Words:
@@ -170,9 +179,14 @@ class _Words:
 
 
 def _codes(pixels: np.ndarray, flip_rows: bool = False, flip_cols: bool = False) -> torch.Tensor:
-    """(h, w, 3) uint8 with adjacent channels and pixels (strides (any, 3, 1)) -> (h, w) int32
+    """(h, w, 3) uint8 with adjacent channels and pixels and rows that do not overlap (strides
+    (>= 3 w, 3, 1), as `_interleaved` makes them) -> (h, w) int32
     colour codes r + 256 g + 65536 b (``device_jitter``'s), read as masked 4-byte words and
-    written flipped as asked (a C-contiguous tensor: the flips cost nothing extra)."""
+    written flipped as asked (a C-contiguous tensor: the flips cost nothing extra).
+
+    A word's fourth byte is the next pixel's red: in the block's memory for every pixel but the
+    last one (with rows apart by at least a row's bytes, the byte after a row's last pixel lies
+    at or before the next row's last byte), which is done alone."""
     h, w = pixels.shape[:2]
     codes = np.empty((h, w), dtype=np.uint32)
     if h * w:

@@ -60,8 +60,8 @@ the engine's uint8 -> float conversion (:func:`~torch_impl.streaming.to_model_in
 contiguous channel planes. A source with planar (C-contiguous) bands is still held exactly,
 through a slower copy that interleaves them.
 
-Pixels. The buffer holds what the source's band reads return. For a source whose pixels do
-not depend on the region read (an ``ArrayImage``; a ``Slide`` served at a pyramid level's own
+Pixels. The buffer holds what the source's band reads return (augmented, with ``augment``).
+For a source whose pixels do not depend on the region read (an ``ArrayImage``; a ``Slide`` served at a pyramid level's own
 resolution) that is exactly what each tile read would return. A ``Slide`` resampled between
 levels may differ by one grey level between overlapping regions (PIL's rounding, see
 :mod:`torch_impl.slides.slide`); with the cache, the forward and the backward pass at least
@@ -191,7 +191,8 @@ class CropCache:
         nbytes: bytes of the buffer (0 in mode ``"none"``).
         augment: the augmentation the crop is seen through (module docstring); the identity
             without one.
-        jitter: the slide's colour jitter, on the device it runs on; None without one.
+        jitter: the slide's colour jitter, on the device it runs on; None without one, and
+            once closed.
     """
 
     def __init__(
@@ -275,7 +276,8 @@ class CropCache:
             host_budget_bytes: most bytes it may take in host memory (default: half of
                 :func:`available_host_memory`).
             band_bytes: host bytes per band read while filling (at least one row; rounded up
-                to whole tile rows of a source with ``tile_rows``).
+                to whole tile rows of a source with ``tile_rows``, or whole tile columns,
+                ``tile_cols``, when a quarter turn makes them the crop's rows).
             augment: the flips, quarter turns and colour jitter the crop is seen through
                 (module docstring); None for none.
 
@@ -367,15 +369,18 @@ class CropCache:
             if self._closing.is_set():
                 raise RuntimeError(f"{self!r} was closed while it was being read")
             r0, r1 = self._bands[k]
+            buffer = self._buffer  # held here: close() may drop the attribute meanwhile
+            if buffer is None:
+                raise RuntimeError(f"{self!r} was closed while it was being read")
             try:
                 _, _, W = self._shape
                 block = self._read_original(r0, 0, r1 - r0, W)  # (3, ., .) the original under the band
                 with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
                     if self.augment.is_identity:
-                        self._buffer[r0:r1].copy_(block.permute(1, 2, 0))  # whole rows from an interleaved band
+                        buffer[r0:r1].copy_(block.permute(1, 2, 0))  # whole rows from an interleaved band
                     else:
                         with record_function("slides.augment"):  # on the buffer's device, once per crop pixel
-                            augment_into(block, self._geometry, self.jitter, self._buffer[r0:r1])
+                            augment_into(block, self._geometry, self.jitter, buffer[r0:r1])
                     if self._stream is not None:
                         self._stream.synchronize()  # on the GPU before any reader slices it
             except BaseException as error:
@@ -403,7 +408,9 @@ class CropCache:
         """Mode none, augmenting: (3, h, w) on ``device`` for a region inside the crop, from the
         original region under it."""
         block = self._read_original(y, x, h, w)
-        with record_function("slides.augment"):
+        # a reading thread's current GPU may be another one: make this crop's the current one
+        on_device = torch.cuda.device(self._device) if self._device.type == "cuda" else nullcontext()
+        with on_device, record_function("slides.augment"):
             out = torch.empty((h, w, 3), dtype=torch.uint8, device=self._device)
             return augment_into(block, self._geometry, self.jitter, out).permute(2, 0, 1)
 
@@ -431,11 +438,13 @@ class CropCache:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Stop filling and free the buffer (idempotent). Later reads raise RuntimeError."""
+        """Stop filling and free the buffer and the colour table (idempotent). Later reads raise
+        RuntimeError."""
         self._closing.set()
         if self._filler is not None:
             self._filler.join()
         self._buffer = None
+        self.jitter = None  # and its 64 MiB table
 
     def __enter__(self) -> CropCache:
         return self

@@ -141,7 +141,8 @@ def host_tensor(array: np.ndarray) -> torch.Tensor:
     try:
         return torch.from_numpy(array)
     except ValueError:  # negative or unaligned strides
-        return torch.from_numpy(np.ascontiguousarray(array))
+        # a copy, not ascontiguousarray: that keeps a negative stride on a size-1 axis
+        return torch.from_numpy(array.copy(order="C"))
 
 
 def _dense_empty_like(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
