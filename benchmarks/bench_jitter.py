@@ -87,7 +87,15 @@ class PreviousView(DeviceAugmentedView):
         block = self.source.read(*self.source_region(y, x, h, w))
         if not isinstance(block, torch.Tensor):
             block = torch.from_numpy(np.ascontiguousarray(block))
-        return previous_jitter(self.transform_tensor(block.to(self.device)), self.params.hsv_shift)
+        block = block.to(self.device)
+        for step in self._steps:  # the flips and turns as the view made them then
+            if step == "flip_v":
+                block = torch.flip(block, dims=(-2,))
+            elif step == "flip_h":
+                block = torch.flip(block, dims=(-1,))
+            else:  # np.rot90 with k=1: counter-clockwise
+                block = torch.rot90(block, 1, dims=(-2, -1))
+        return previous_jitter(block, self.params.hsv_shift)
 
 
 def clock(device: torch.device) -> float:

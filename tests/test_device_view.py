@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, build_model
 from torch_impl.slides import crop_cache as crop_cache_module
+from torch_impl.slides import device_view as device_view_module
 from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache, choose_mode
 from torch_impl.slides.device_view import TABLE_MIN_PIXELS, DeviceAugmentedView, augmented_crop
@@ -110,10 +111,10 @@ class InterleavedImage(ArrayImage):
         return block
 
 
-def test_reads_of_interleaved_blocks_are_not_copied_before_the_transform():
+def test_reads_of_interleaved_blocks_are_not_copied_before_the_transform(monkeypatch):
     """The block a slide reader returns reaches the device view's transform as it is: the
-    identity view returns it (same memory), and the colour jitter reads it (same memory), with
-    the bytes of AugmentedView either way."""
+    identity view returns it (same memory), and the augmentation (``augment_into``) reads it
+    (same memory), with the bytes of AugmentedView either way."""
     image = np.random.default_rng(5).integers(0, 256, (3, 40, 30), dtype=np.uint8)
     source = InterleavedImage(image)
     identity = DeviceAugmentedView(source, AugmentParams(), CPU)
@@ -122,10 +123,14 @@ def test_reads_of_interleaved_blocks_are_not_copied_before_the_transform():
     np.testing.assert_array_equal(tile.numpy(), AugmentedView(ArrayImage(image), AugmentParams()).read(3, 4, 20, 25))
 
     p = AugmentParams(True, False, 1, (0.05, 0.2, -0.1))
+    seen = []
+    real = device_view_module.augment_into
+    monkeypatch.setattr(
+        device_view_module, "augment_into", lambda block, *args: seen.append(block.data_ptr()) or real(block, *args)
+    )
     for colour_table in (True, False):
         view = DeviceAugmentedView(source, p, CPU, colour_table=colour_table)
-        jitter, seen = view.jitter, []
-        view.jitter = lambda block, jitter=jitter, seen=seen: seen.append(block.data_ptr()) or jitter(block)
+        seen.clear()
         got = view.read(-2, 5, 20, 30)
         assert seen == [source.last.ctypes.data]
         np.testing.assert_array_equal(got.numpy(), AugmentedView(ArrayImage(image), p).read(-2, 5, 20, 30))

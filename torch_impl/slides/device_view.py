@@ -2,14 +2,14 @@
 
 :class:`DeviceAugmentedView` answers a tile read exactly as
 :class:`~torch_impl.slides.augment.AugmentedView` does (the same ``source_region`` maps the
-augmented region back to the original), but moves the small original block to the device
-first and transforms it there: the colour jitter with a
-:class:`~torch_impl.slides.device_jitter.ColourJitter` (through the slide's colour table, or
-by arithmetic: see ``colour_table``), then the flips and quarter turns with ``torch.flip`` and
-``torch.rot90``, in the order of ``AugmentedView``'s steps. The jitter is pointwise, so it
-commutes with the flips and turns, and per tile equals whole image; running it first reads
-the block in its own memory order (a quarter turn's transposed view is several times slower
-to convert). On a GPU the host only decodes (or nothing, when the block comes from a
+augmented region back to the original), but transforms the small original block with the
+crop cache's writer, :func:`~torch_impl.slides.band_augment.augment_into`, into a new tile on
+the device: on a GPU moved there first, then jittered (a
+:class:`~torch_impl.slides.device_jitter.ColourJitter`, through the slide's colour table or by
+arithmetic: see ``colour_table``), flipped and turned by torch operations; on the CPU by colour
+codes (or by torch operations for a jitter without table). The jitter is pointwise, so it
+commutes with the flips and turns, and per tile equals whole image. The tile comes back as a
+(3, h, w) view of interleaved memory, as a reader's. On a GPU the host only decodes (or nothing, when the block comes from a
 :class:`~torch_impl.slides.crop_cache.CropCache` on the device); on the CPU the result equals
 ``AugmentedView.read`` bit for bit, either way (``tests/test_device_view.py``).
 
@@ -35,6 +35,7 @@ from torch.profiler import record_function
 
 from ..streaming.sources import host_tensor, to_device
 from .augment import AugmentedView, AugmentParams
+from .band_augment import Dihedral, augment_into
 from .crop_cache import CropCache
 from .device_jitter import TABLE_MIN_PIXELS, ColourJitter
 from .slide import ImageSource, check_region, read_clipped
@@ -88,20 +89,10 @@ class DeviceAugmentedView(AugmentedView):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        self._geometry = Dihedral.of(self.params)
         self.jitter: ColourJitter | None = None  # the colour jitter, None without one
         if any(self.params.hsv_shift):
             self.jitter = ColourJitter(self.params.hsv_shift, device, _use_table(colour_table, self.shape))
-
-    def transform_tensor(self, block: torch.Tensor) -> torch.Tensor:
-        """Apply the flips and rotations (not the colour) to the last two axes of ``block``."""
-        for step in self._steps:
-            if step == "flip_v":
-                block = torch.flip(block, dims=(-2,))
-            elif step == "flip_h":
-                block = torch.flip(block, dims=(-1,))
-            else:  # np.rot90 with k=1: counter-clockwise
-                block = torch.rot90(block, 1, dims=(-2, -1))
-        return block
 
     def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
         """(3, h, w) uint8 on ``device``: rows [y, y+h), columns [x, x+w) of the augmented image; white outside."""
@@ -124,14 +115,14 @@ class DeviceAugmentedView(AugmentedView):
 
     def _read_inside(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
         """(3, h, w) on the device for a region inside the augmented image: the original block,
-        moved to the device, then jittered and flipped/rotated there."""
+        augmented by the crop cache's own writer (``band_augment.augment_into``) into a new tile."""
         block = self.source.read(*self.source_region(y, x, h, w))  # (3, ., .) original frame
         if not isinstance(block, torch.Tensor):
             block = host_tensor(np.asarray(block))  # shares a reader's interleaved view: no copy
-        block = to_device(block, self.device)
-        if self.jitter is not None:
-            block = self.jitter(block)  # pointwise: the same before or after the flips and turns
-        return self.transform_tensor(block)  # (3, h, w)
+        if self.params.is_identity:
+            return to_device(block, self.device)
+        out = torch.empty((h, w, 3), dtype=torch.uint8, device=self.device)
+        return augment_into(block, self._geometry, self.jitter, out).permute(2, 0, 1)  # (3, h, w), interleaved
 
     def __repr__(self) -> str:
         return f"DeviceAugmentedView({self.source!r}, {self.params}, device={self.device})"
