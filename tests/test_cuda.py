@@ -18,7 +18,7 @@ import torch
 
 from tests import helpers
 from torch_impl.models.resnet import freeze_batchnorm, resnet34, trunk
-from torch_impl.slides import crop_cache as crop_cache_module
+from torch_impl.slides import device_jitter
 from torch_impl.slides.augment import AugmentParams
 from torch_impl.slides.crop_cache import CropCache
 from torch_impl.slides.device_jitter import jitter_table
@@ -130,7 +130,7 @@ def test_cuda_crop_cache_on_the_device_equals_host_memory(table_min_pixels, monk
     TABLE_MIN_PIXELS, by arithmetic; on the host by colour codes and the table filled on demand,
     or by arithmetic); in mode none the tiles are augmented on the GPU as they are read."""
     if table_min_pixels is not None:  # this small crop through the colour table, as a large one
-        monkeypatch.setattr(crop_cache_module, "TABLE_MIN_PIXELS", table_min_pixels)
+        monkeypatch.setattr(device_jitter, "TABLE_MIN_PIXELS", table_min_pixels)
     image = interleaved_image(257, 190, seed=1)
     regions = [(0, 0, 257, 190), (-5, 20, 100, 300), (200, 3, 57, 60)]
     with (

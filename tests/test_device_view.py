@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tests.strategies import augment_params
 from torch_impl.models.streaming_clam import ModelConfig, build_model
 from torch_impl.slides import crop_cache as crop_cache_module
+from torch_impl.slides import device_jitter
 from torch_impl.slides import device_view as device_view_module
 from torch_impl.slides.augment import AugmentedView, AugmentParams, jitter_hsv
 from torch_impl.slides.crop_cache import CropCache, choose_mode
@@ -473,7 +474,7 @@ def test_the_cache_jitters_through_a_colour_table_from_table_min_pixels_on(mode,
     """A crop of at least TABLE_MIN_PIXELS pixels jitters through the slide's colour table (by
     colour codes on the CPU); a smaller one by arithmetic (a new table would cost more); the
     same bytes either way."""
-    monkeypatch.setattr(crop_cache_module, "TABLE_MIN_PIXELS", 200)
+    monkeypatch.setattr(device_jitter, "TABLE_MIN_PIXELS", 200)
     image = np.random.default_rng(4).integers(0, 256, (3, 13, 17), dtype=np.uint8)
     p = AugmentParams(flip_h=True, rot90_k=3, hsv_shift=(-0.3, 0.2, 0.1))
     for width, table in ((17, True), (15, False)):  # 221 and 195 pixels

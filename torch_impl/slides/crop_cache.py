@@ -84,7 +84,7 @@ from torch.profiler import record_function
 from ..streaming.sources import host_tensor
 from .augment import AugmentedView, AugmentParams
 from .band_augment import Dihedral, augment_into
-from .device_jitter import TABLE_MIN_PIXELS, ColourJitter
+from .device_jitter import ColourJitter, use_table
 from .slide import ImageSource, check_region, read_clipped
 
 __all__ = [
@@ -229,7 +229,7 @@ class CropCache:
             self._buffer = torch.empty((H, W, C), dtype=torch.uint8, device=device if mode == "device" else "cpu")
         work_device = self._buffer.device if self._buffer is not None else device  # where pixels are augmented
         if any(self.augment.hsv_shift):  # through the slide's colour table unless the crop is small
-            self.jitter = ColourJitter(self.augment.hsv_shift, work_device, table=H * W >= TABLE_MIN_PIXELS)
+            self.jitter = ColourJitter(self.augment.hsv_shift, work_device, table=use_table(H * W))
         else:
             self.jitter = None
         if self._buffer is not None:
@@ -295,7 +295,7 @@ class CropCache:
         if budget_bytes is None:
             budget_bytes = int(DEFAULT_FRACTION * free_device_memory(device)) if device.type == "cuda" else host
         chosen, reason = choose_mode(C * H * W, mode, device, budget_bytes, host)
-        width = H if augment is not None and augment.rot90_k % 2 else W  # of the augmented crop
+        _, width = Dihedral.of(augment).shape(H, W) if augment is not None else (H, W)  # of the augmented crop
         cache = cls(source, chosen, reason, device, max(1, band_bytes // (C * width)), augment)
         fell_back = mode == "auto" and chosen != "device"
         (logger.info if fell_back else logger.debug)("slide cache %s for %s: %s", chosen, source, reason)

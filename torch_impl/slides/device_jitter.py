@@ -34,6 +34,7 @@ import torch
 __all__ = [
     "TABLE_ENTRIES",
     "TABLE_MIN_PIXELS",
+    "use_table",
     "ColourJitter",
     "apply_jitter_table",
     "jitter_hsv_torch",
@@ -47,6 +48,13 @@ TABLE_ENTRIES = 2**24
 #: 64 MiB table and filling it costs about as much as the arithmetic on 2^20 pixels (30-50 ms
 #: on one CPU core; measured for 256^2 to 2048^2 crops of a synthetic slide).
 TABLE_MIN_PIXELS = 2**20
+
+
+def use_table(pixels: int, colour_table: bool | None = None) -> bool:
+    """Whether an image of ``pixels`` pixels jitters through a colour table: ``colour_table``
+    when given, else from :data:`TABLE_MIN_PIXELS` pixels on."""
+    return colour_table if colour_table is not None else pixels >= TABLE_MIN_PIXELS
+
 
 #: Pixels per chunk of the arithmetic: on the CPU the chunk's temporaries stay in the cache
 #: (2^15 pixels: ~1.4x faster than whole 1 Mpx planes on one core); on a GPU a chunk bounds their memory.

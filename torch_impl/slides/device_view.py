@@ -37,17 +37,10 @@ from ..streaming.sources import host_tensor, to_device
 from .augment import AugmentedView, AugmentParams
 from .band_augment import Dihedral, augment_into
 from .crop_cache import CropCache
-from .device_jitter import TABLE_MIN_PIXELS, ColourJitter
+from .device_jitter import TABLE_MIN_PIXELS, ColourJitter, use_table
 from .slide import ImageSource, check_region, read_clipped
 
 __all__ = ["TABLE_MIN_PIXELS", "DeviceAugmentedView", "augmented_crop"]
-
-
-def _use_table(colour_table: bool | None, shape: tuple[int, int, int]) -> bool:
-    """Whether a view of (C, H, W) ``shape`` jitters through a colour table: ``colour_table``
-    when given, else for at least :data:`TABLE_MIN_PIXELS` pixels."""
-    _, H, W = shape
-    return colour_table if colour_table is not None else H * W >= TABLE_MIN_PIXELS
 
 
 class DeviceAugmentedView(AugmentedView):
@@ -92,7 +85,8 @@ class DeviceAugmentedView(AugmentedView):
         self._geometry = Dihedral.of(self.params)
         self.jitter: ColourJitter | None = None  # the colour jitter, None without one
         if any(self.params.hsv_shift):
-            self.jitter = ColourJitter(self.params.hsv_shift, device, _use_table(colour_table, self.shape))
+            _, H, W = self.shape
+            self.jitter = ColourJitter(self.params.hsv_shift, device, use_table(H * W, colour_table))
 
     def read(self, y: int, x: int, h: int, w: int) -> torch.Tensor:
         """(3, h, w) uint8 on ``device``: rows [y, y+h), columns [x, x+w) of the augmented image; white outside."""
